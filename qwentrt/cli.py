@@ -1,0 +1,130 @@
+"""The `qwentrt` command: synth, build, info (more commands arrive with the runtime and serving)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from qwentrt import __version__
+from qwentrt.errors import QwentrtError
+
+GiB = 1 << 30
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="qwentrt")
+def main() -> None:
+    """Serve Qwen3-4B-Instruct-2507 on one GPU: build an engine, serve it behind Triton."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(["tiny", "4b"]), default="tiny", show_default=True,
+              help="4b: Qwen3-4B-Instruct-2507's exact shape; tiny: a CI-sized model with the same tokenizer.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def synth(out: Path, preset: str, seed: int, dtype: str, force: bool) -> None:
+    """Write a HF-format Qwen3 checkpoint with seeded random weights and the real Qwen3 tokenizer."""
+    import torch
+
+    from qwentrt.synth import synth as _synth
+
+    try:
+        _synth(out, preset, seed, getattr(torch, dtype), force=force)
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(f"wrote {out} (preset {preset}, seed {seed})")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Engine folder to write (e.g. build/qwen3-4b).")
+@click.option("--weights", type=click.Choice(["int4-awq", "bf16"]), default="int4-awq", show_default=True)
+@click.option("--kv-cache", type=click.Choice(["fp8-e4m3", "bf16"]), default="fp8-e4m3", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="AWQ group size.")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text (.txt, documents split by <|doc|> lines or blank lines) or .jsonl "
+                   "({'text': ...} or {'messages': [...]}). Default: the set shipped with qwentrt.")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-seqlen", type=int, default=512, show_default=True)
+@click.option("--awq-grid", type=int, default=20, show_default=True, help="Grid points of the AWQ scale search.")
+@click.option("--max-batch-size", type=int, default=256, show_default=True)
+@click.option("--max-num-tokens", type=int, default=8192, show_default=True, help="Tokens per engine step.")
+@click.option("--max-seq-len", type=int, default=32768, show_default=True)
+@click.option("--kv-block-size", type=int, default=32, show_default=True, help="Tokens per KV page.")
+@click.option("--target", default="auto", show_default=True,
+              help="GPU to build for: auto (the GPU here, else sm_89), sm_80, sm_86, sm_89, sm_90.")
+@click.option("--gpu-memory", "gpu_memory", type=float, default=None,
+              help="GPU memory budget in GiB for the KV plan [default: the target card's memory].")
+@click.option("--device", default="auto", show_default=True, help="Where calibration runs: auto, cpu, cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build(checkpoint: str, out: Path, weights: str, kv_cache: str, group_size: int, calib: str | None,
+          calib_samples: int, calib_seqlen: int, awq_grid: int, max_batch_size: int, max_num_tokens: int,
+          max_seq_len: int, kv_block_size: int, target: str, gpu_memory: float | None, device: str, seed: int,
+          force: bool, quiet: bool) -> None:
+    """Build an engine from CHECKPOINT (a HF folder or hub id): INT4 AWQ weights, FP8 KV scales,
+    batching limits, the KV capacity for the GPU budget, and kernel configs for the target GPU."""
+    from qwentrt.config import BuildConfig
+    from qwentrt.engine.build import build as _build
+
+    options = BuildConfig(weights=weights, kv_cache=kv_cache, group_size=group_size, calib=calib,
+                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, awq_grid=awq_grid,
+                          max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+                          kv_block_size=kv_block_size, target=target, gpu_memory_gib=gpu_memory, device=device,
+                          seed=seed)
+    log = (lambda *_: None) if quiet else (lambda m: click.echo(m, err=True))
+    try:
+        engine = _build(checkpoint, out, options, force=force, progress=not quiet, log=log)
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(_summary(out, engine))
+
+
+def _summary(folder: Path, engine) -> str:
+    size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    kv = engine.kv_cache
+    lines = [
+        f"engine: {folder}",
+        f"  weights     {engine.weights.format} ({engine.weights.source}), {engine.weights.bytes / GiB:.2f} GiB",
+        f"  kv cache    {kv.dtype}, {kv.num_blocks} pages x {kv.block_size} = {kv.capacity_tokens:,} tokens "
+        f"({kv.bytes_per_token:,} bytes/token)",
+        f"  limits      batch {engine.limits.max_batch_size}, {engine.limits.max_num_tokens} tokens/step, "
+        f"seq {engine.limits.max_seq_len}",
+        f"  target      {engine.target.name} (sm {engine.target.compute_capability}), budget "
+        f"{engine.memory.budget / GiB:.1f} GiB",
+        f"  build       {engine.build.wall_s:.1f} s on {engine.build.device}, peak GPU "
+        f"{engine.build.peak_gpu_memory_bytes / GiB:.2f} GiB, {size / GiB:.2f} GiB on disk",
+    ]
+    for group, s in (engine.build.awq or {}).items():
+        lines.append(f"  awq {group:<8} output error {s['mean_loss_vs_rtn']:.3f} x round-to-nearest")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print engine.json.")
+def info(engine_dir: Path, as_json: bool) -> None:
+    """Describe an engine folder."""
+    from qwentrt.config import EngineConfig
+
+    try:
+        engine = EngineConfig.load(engine_dir)
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(engine.to_json() if as_json else _summary(engine_dir, engine))
+
+
+if __name__ == "__main__":
+    main()
