@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwentrt.config import BuildConfig
+from qwentrt.engine.build import build
+from qwentrt.synth import synth
+
+# Small calibration for CI: the AWQ code path is the same as the default's.
+FAST = BuildConfig(calib_samples=4, calib_seqlen=128, awq_grid=10, device="cpu", max_seq_len=4096)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return synth(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "tiny-awq"
+    build(tiny_ckpt, out, FAST, progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_offline(monkeypatch):
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh random inputs every run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
