@@ -268,6 +268,7 @@ class MemoryPlan:
     activations: int
     cuda_graphs_and_workspace: int
     cuda_context: int
+    headroom: int
     kv_cache: int
 
 

@@ -9,6 +9,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CUDA_CONTEXT = 600 * MiB  # CUDA context, cuBLAS/Triton workspaces and the allocator's slack
 CUDA_GRAPHS = 256 * MiB  # captured decode graphs and their private pools
+HEADROOM = 0.04  # of the budget: allocator fragmentation, the driver's own use on a desktop card
 
 
 def activation_bytes(cfg: Qwen3Config, max_num_tokens: int, max_batch_size: int) -> int:
@@ -26,9 +27,10 @@ def plan(cfg: Qwen3Config, budget_bytes: int, weight_bytes: int, kv_dtype: KVCac
     """(the plan, number of KV blocks). Raises nothing: a budget too small gives zero blocks, which
     the caller reports."""
     act = activation_bytes(cfg, max_num_tokens, max_batch_size)
-    left = budget_bytes - weight_bytes - act - CUDA_GRAPHS - CUDA_CONTEXT
+    headroom = int(budget_bytes * HEADROOM)
+    left = budget_bytes - headroom - weight_bytes - act - CUDA_GRAPHS - CUDA_CONTEXT
     block_bytes = cfg.kv_bytes_per_token(kv_dtype) * block_size
     blocks = max(0, left // block_bytes)
     return MemoryPlan(budget=budget_bytes, weights=weight_bytes, activations=act,
-                      cuda_graphs_and_workspace=CUDA_GRAPHS, cuda_context=CUDA_CONTEXT,
+                      cuda_graphs_and_workspace=CUDA_GRAPHS, cuda_context=CUDA_CONTEXT, headroom=headroom,
                       kv_cache=blocks * block_bytes), blocks
