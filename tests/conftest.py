@@ -9,7 +9,8 @@ from qwentrt.engine.build import build
 from qwentrt.synth import synth
 
 # Small calibration for CI: the AWQ code path is the same as the default's.
-FAST = BuildConfig(calib_samples=4, calib_seqlen=128, awq_grid=10, device="cpu", max_seq_len=4096)
+FAST = BuildConfig(calib_samples=4, calib_seqlen=128, awq_grid=10, device="cpu", max_seq_len=4096,
+                   target="sm_89")
 
 
 def pytest_collection_modifyitems(config, items):
