@@ -324,3 +324,70 @@ class EngineConfig:
         if not path.is_file():
             raise ConfigError(f"{folder}: no engine.json here; build one with `qwentrt build CHECKPOINT -o {folder}`")
         return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+GuideType = Literal["json_schema", "json", "regex", "ebnf_grammar"]
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. `validate` raises ValueError naming the field and its limit."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    bad_words: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    guide_type: GuideType | None = None
+    guide: str | None = None
+    logprobs: bool = False
+    skip_special_tokens: bool = True
+
+    MAX_STOP = 64
+    MAX_STOP_LEN = 256
+
+    def validate(self, max_tokens_limit: int | None = None) -> None:
+        import math
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
+            raise bad("max_tokens", f"{self.max_tokens} exceeds the limit {max_tokens_limit}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be within 0..max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        for name in ("repetition_penalty",):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise bad(name, f"must be a positive number, got {v}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or abs(v) > 2:
+                raise bad(name, f"must be within [-2, 2], got {v}")
+        for name in ("stop", "bad_words"):
+            words = getattr(self, name)
+            if len(words) > self.MAX_STOP:
+                raise bad(name, f"at most {self.MAX_STOP} entries, got {len(words)}")
+            for w in words:
+                if not isinstance(w, str) or not w or len(w) > self.MAX_STOP_LEN:
+                    raise bad(name, f"entries must be non-empty strings of at most {self.MAX_STOP_LEN} characters")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", f"must be within 0..2^63-1, got {self.seed}")
+        if (self.guide_type is None) != (self.guide is None) and self.guide_type != "json":
+            raise bad("guided_decoding_guide", "guide_type and guide go together")

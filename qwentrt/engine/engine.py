@@ -1,0 +1,259 @@
+"""The engine API: add_request / step / abort over the scheduler, model runner and sampler.
+Synchronous and single-threaded; async_engine.py runs it in a thread for servers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwentrt.config import EngineConfig, SamplingParams
+from qwentrt.engine.block_manager import BlockManager
+from qwentrt.engine.detokenizer import IncrementalDetokenizer
+from qwentrt.engine.model_runner import ModelRunner
+from qwentrt.engine.sampler import Sampler
+from qwentrt.engine.scheduler import Scheduler
+from qwentrt.engine.sequence import Sequence, Status
+from qwentrt.engine.target import check_runs_on
+
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on the CPU (the engine's plan is for its GPU)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked: the message names the field and the limit."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the last output of this request
+    token_ids: list[int]  # new tokens
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    logprobs: list[float] = field(default_factory=list)
+    cum_logprob: float = 0.0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, num_blocks: int | None = None, max_num_tokens: int | None = None,
+                 max_batch_size: int | None = None, max_prefill_chunk: int | None = None,
+                 allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True):
+        self.engine_dir = Path(engine_dir)
+        self.config = EngineConfig.load(self.engine_dir)
+        cfg = self.config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_runs_on(cfg.target, self.device, allow_gpu_mismatch)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.max_num_tokens = max_num_tokens or cfg.limits.max_num_tokens
+        self.max_batch_size = max_batch_size or cfg.limits.max_batch_size
+        self.max_seq_len = cfg.limits.max_seq_len
+        if num_blocks is None:
+            num_blocks = cfg.kv_cache.num_blocks
+            if self.device.type == "cpu":
+                num_blocks = min(num_blocks, CPU_KV_BUDGET // (cfg.kv_cache.bytes_per_token * cfg.kv_cache.block_size))
+        self.block_manager = BlockManager(num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
+        self.runner = ModelRunner(self.engine_dir, cfg, self.device, self.dtype, num_blocks)
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(str(self.engine_dir / "tokenizer.json"))
+        self._hf_tokenizer = None
+        self._guided = None
+        self.eos_ids = self._eos_ids()
+        self.sampler = Sampler(self.eos_ids, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- tokenizer -------------------------------------------------------------------------------
+    @property
+    def hf_tokenizer(self):
+        if self._hf_tokenizer is None:
+            from transformers import AutoTokenizer
+            self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
+        return self._hf_tokenizer
+
+    def _eos_ids(self) -> list[int]:
+        ids = list(self.config.model.eos_token_id)
+        gen = self.engine_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+        return sorted(set(ids))
+
+    def render_chat(self, messages: Any) -> str:
+        """Chat messages (a list of {role, content}) through the checkpoint's chat template."""
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+                for m in messages):
+            raise RequestError("messages: expected a non-empty list of {\"role\": str, \"content\": str} objects")
+        roles = {"system", "user", "assistant", "tool"}
+        bad = [m["role"] for m in messages if m["role"] not in roles]
+        if bad:
+            raise RequestError(f"messages: unknown role {bad[0]!r} (use system, user, assistant, tool)")
+        return self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def guided(self):
+        if self._guided is None:
+            from qwentrt.engine.guided import GuidedDecoding
+            self._guided = GuidedDecoding(self.hf_tokenizer, self.config.model.vocab_size)
+            self.sampler.guided = self._guided
+        return self._guided
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_ids: list[int] | None = None, messages: list[dict] | None = None) -> Sequence:
+        params = params or SamplingParams()
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
+            raise RequestError("give exactly one of text_input (prompt), prompt token ids, or messages")
+        try:
+            params.validate(self.max_seq_len - 1)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if messages is not None:
+            prompt = self.render_chat(messages)
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise RequestError("text_input: the prompt is empty")
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not prompt_ids:
+            raise RequestError("text_input: the prompt is empty")
+        vocab = self.config.model.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"input_ids: token ids must be within 0..{vocab - 1}")
+        n = len(prompt_ids)
+        if n + params.max_tokens > self.max_seq_len:
+            raise RequestError(f"max_tokens: the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                               f"max_seq_len {self.max_seq_len}")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if n + params.max_tokens > capacity:
+            raise RequestError(f"max_tokens: the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                               f"KV cache capacity of {capacity} tokens")
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, arrival=time.monotonic())
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.guide_type is not None:
+            from qwentrt.engine.guided import GuideError
+            try:
+                seq.matcher = self.guided.matcher(params.guide_type, params.guide)
+            except GuideError as e:
+                raise RequestError(str(e)) from None
+        seq.bad_word_ids = [self.tokenizer.encode(w, add_special_tokens=False).ids for w in params.bad_words]
+        seq.bad_word_ids = [w for w in seq.bad_word_ids if w]
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                                 skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its KV pages are freed at once. None if it is not (or no longer) running."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, "", [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            logits = self.runner.run(batch, self.block_manager)
+            sampling = [item.seq for item in batch if item.samples]
+            tokens, logprobs = self.sampler(logits, sampling)
+        except Exception as e:  # a fault in the step fails its requests, not the engine
+            outputs = []
+            for item in batch:
+                item.seq.error = f"{type(e).__name__}: {e}"
+                outputs.append(self._finish(item.seq, "error", ""))
+            return outputs
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.block_manager.mark_computed(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed_tokens)
+        outputs = []
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            outputs.append(self._advance(seq, token, lp))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+        p = seq.params
+        seq.append(token)
+        seq.cum_logprob += logprob
+        if seq.matcher is not None and not seq.matcher.is_terminated():
+            seq.matcher.accept_token(token)
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        text = "" if is_eos else seq.detokenizer.add([token])
+        reason = None
+        if (is_eos or token in p.stop_token_ids) and seq.num_output_tokens > p.min_tokens - 1:
+            reason = "stop"
+        elif seq.detokenizer.stopped is not None:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = "length"
+        if reason is None:
+            return self._output(seq, text, [token], [logprob])
+        return self._finish(seq, reason, text, [token], [logprob])
+
+    def _finish(self, seq: Sequence, reason: str, text: str, tokens: list[int] = (), logprobs: list[float] = ()
+                ) -> RequestOutput:
+        if reason in ("stop", "length") and seq.detokenizer.stopped is None:
+            text += seq.detokenizer.finish()
+        self.scheduler.finish(seq, reason)
+        self._seqs.pop(seq.request_id, None)
+        return self._output(seq, text, list(tokens), list(logprobs))
+
+    def _output(self, seq: Sequence, text: str, tokens: list[int], logprobs: list[float]) -> RequestOutput:
+        return RequestOutput(seq.request_id, text, tokens, seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.is_finished, seq.finish_reason if seq.is_finished else None, logprobs,
+                             seq.cum_logprob, seq.num_cached_tokens, seq.error)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (all admitted at once); one summary output per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for p, sp in zip(prompts, params_list):
+            rid = f"gen-{next(self._ids)}"
+            ids.append(rid)
+            if isinstance(p, str):
+                self.add_request(rid, p, sp)
+            else:
+                self.add_request(rid, params=sp, prompt_ids=list(p))
+        return self.run_to_completion(ids)
+
+    def run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+        acc: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                prev = acc.get(out.request_id)
+                if prev is not None:
+                    out.text = prev.text + out.text
+                    out.token_ids = prev.token_ids + out.token_ids
+                    out.logprobs = prev.logprobs + out.logprobs
+                acc[out.request_id] = out
+        return [acc[r] for r in request_ids]
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_pages_used": bm.num_used_blocks, "kv_pages_free": bm.num_free_blocks,
+                "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
+                "prefix_cache_query_tokens": bm.prefix_cache_query_tokens,
+                "preemptions": self.scheduler.num_preemptions}

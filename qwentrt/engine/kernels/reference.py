@@ -1,0 +1,124 @@
+"""Torch reference kernels: the definition of what every fast kernel must compute, and the path the
+engine takes on the CPU. Shapes follow vLLM's conventions: tokens are flattened across the batch
+([T, ...]); a batch of sequences is described by cu_seqlens_q, context_lens and block_tables."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwentrt.quant.kv import FP8_E4M3_MAX
+from qwentrt.quant.pack import unpack_int4
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x; return (rms_norm(residual), residual). With residual None, residual = x."""
+    residual = x if residual is None else residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half, sin in the second."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] (rotate-half convention, as HF Qwen3) at positions [T]."""
+    half = x.shape[-1] // 2
+    cs = cos_sin[positions]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q [T, H, D] and k [T, Hk, D], then RoPE."""
+    q = apply_rope(rms_norm(q, q_weight, eps), positions, cos_sin)
+    k = apply_rope(rms_norm(k, k_weight, eps), positions, cos_sin)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] (gate | up) -> silu(gate) * up [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """AutoAWQ GEMM tensors -> W^T [K, N] in dtype (the matmul's right operand)."""
+    q = unpack_int4(qweight)
+    z = unpack_int4(qzeros).repeat_interleave(group_size, dim=0)
+    s = scales.to(torch.float32).repeat_interleave(group_size, dim=0)
+    return ((q - z).to(torch.float32) * s).to(dtype)
+
+
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """W4A16: x [T, K] @ dequant(W) [K, N]."""
+    return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype == torch.float8_e4m3fn:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Store k, v [T, Hk, D] into the paged caches [num_blocks, block_size, Hk, D] at flat slots
+    (block * block_size + offset); slot -1 means skip (padding)."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    kc = k_cache.view(-1, *k_cache.shape[2:])
+    vc = v_cache.view(-1, *v_cache.shape[2:])
+    kc[slots] = quantize_kv(k[valid], k_scale, k_cache.dtype)
+    vc[slots] = quantize_kv(v[valid], v_scale, v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale: float,
+                    v_scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new query tokens over its whole context in the paged cache.
+    q [T, H, D]; sequence b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], its context (cached + new
+    tokens, already written) has context_lens[b] tokens, the new ones being its last. -> [T, H, D]."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    hk = k_cache.shape[2]
+    for b in range(context_lens.shape[0]):
+        start, end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        n_q, ctx = end - start, int(context_lens[b])
+        if n_q == 0:
+            continue
+        n_blocks = (ctx + block_size - 1) // block_size
+        pages = block_tables[b, :n_blocks]
+        k = dequantize_kv(k_cache[pages].reshape(-1, hk, k_cache.shape[-1])[:ctx], k_scale, torch.float32)
+        v = dequantize_kv(v_cache[pages].reshape(-1, hk, v_cache.shape[-1])[:ctx], v_scale, torch.float32)
+        qb = q[start:end].float().transpose(0, 1)  # [H, n_q, D]
+        groups = q.shape[1] // hk
+        k = k.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, ctx, D]
+        v = v.transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = (qb @ k.transpose(1, 2)) * scale  # [H, n_q, ctx]
+        q_pos = torch.arange(ctx - n_q, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        out[start:end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return out
