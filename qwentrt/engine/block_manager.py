@@ -33,7 +33,7 @@ class Block:
 
 @dataclass(slots=True)
 class SeqState:
-    """A sequence's pages: ``table`` covers ``num_tokens`` tokens; its first ``num_hashed`` pages have hashes."""
+    """A sequence's pages: ``table`` covers ``num_tokens`` tokens; the first ``num_hashed`` are hashed."""
     table: list[int] = field(default_factory=list)
     num_tokens: int = 0
     num_hashed: int = 0
@@ -207,7 +207,7 @@ class BlockManager:
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id} already has pages")
         parent = self._seqs[parent_id]
-        num_full = len(parent.table)
+        num_full = parent.num_tokens // self.block_size
         partial = len(parent.table) > num_full
         if partial and not self.num_free_blocks:
             raise NoFreeBlocks(f"no free page to fork sequence {parent_id}")
@@ -241,15 +241,15 @@ class BlockManager:
         free = self._free_plain.keys() | self._free_cached.keys()
         assert len(free) == self.num_free_blocks, "a page is in both free pools"
         for block, ref in zip(self.blocks, refs):
-            assert block.ref_count == ref, f"page {block.id}: ref count {block.ref_count}, held by {ref} tables"
-            assert (block.id in free) == (ref == 0), f"page {block.id}: ref count {ref}, free: {block.id in free}"
+            assert block.ref_count == ref, f"page {block.id}: ref count {block.ref_count}, in {ref} tables"
+            assert (block.id in free) == (ref == 0), f"page {block.id}: in {ref} tables, free: {block.id in free}"
         assert all(0 <= bid < self.num_blocks for bid in free), "a free page id is out of range"
         assert self.num_free_blocks + sum(r > 0 for r in refs) == self.num_blocks, "free + used != num_blocks"
         for h, bid in self._hash_to_block.items():
             assert 0 <= bid < self.num_blocks, f"hash table maps to page {bid}, out of range"
-            assert self.blocks[bid].hash == h, f"hash table maps {h} to page {bid}, whose hash is {self.blocks[bid].hash}"
+            assert self.blocks[bid].hash == h, f"hash {h} maps to page {bid}, whose hash is {self.blocks[bid].hash}"
         for bid in self._free_plain:
             assert self.blocks[bid].hash is None, f"uncached free page {bid} has a hash"
         for bid in self._free_cached:
             h = self.blocks[bid].hash
-            assert h is not None and self._hash_to_block.get(h) == bid, f"cached free page {bid} is not in the hash table"
+            assert h is not None and self._hash_to_block.get(h) == bid, f"cached free page {bid} not in the hash table"

@@ -66,5 +66,6 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         for src, dst in pairs:
             for k, v in self.kv_caches:
-                k[dst].copy_(k[src])
-                v[dst].copy_(v[src])
+                for cache in (k, v):
+                    raw = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+                    raw[dst].copy_(raw[src])

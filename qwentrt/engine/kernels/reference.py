@@ -88,10 +88,19 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     (block * block_size + offset); slot -1 means skip (padding)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    kc = k_cache.view(-1, *k_cache.shape[2:])
-    vc = v_cache.view(-1, *v_cache.shape[2:])
-    kc[slots] = quantize_kv(k[valid], k_scale, k_cache.dtype)
-    vc[slots] = quantize_kv(v[valid], v_scale, v_cache.dtype)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        flat = _raw(cache).view(-1, *cache.shape[2:])
+        flat[slots] = _raw(quantize_kv(x[valid], scale, cache.dtype))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as bytes: indexing and index_put are not implemented for float8 on every device."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    out = _raw(cache)[pages]
+    return out.view(cache.dtype) if cache.dtype == torch.float8_e4m3fn else out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -110,8 +119,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         n_blocks = (ctx + block_size - 1) // block_size
         pages = block_tables[b, :n_blocks]
-        k = dequantize_kv(k_cache[pages].reshape(-1, hk, k_cache.shape[-1])[:ctx], k_scale, torch.float32)
-        v = dequantize_kv(v_cache[pages].reshape(-1, hk, v_cache.shape[-1])[:ctx], v_scale, torch.float32)
+        k = dequantize_kv(_gather_pages(k_cache, pages).reshape(-1, hk, k_cache.shape[-1])[:ctx], k_scale,
+                          torch.float32)
+        v = dequantize_kv(_gather_pages(v_cache, pages).reshape(-1, hk, v_cache.shape[-1])[:ctx], v_scale,
+                          torch.float32)
         qb = q[start:end].float().transpose(0, 1)  # [H, n_q, D]
         groups = q.shape[1] // hk
         k = k.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, ctx, D]
