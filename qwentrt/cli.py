@@ -126,5 +126,62 @@ def info(engine_dir: Path, as_json: bool) -> None:
     click.echo(engine.to_json() if as_json else _summary(engine_dir, engine))
 
 
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--chat/--raw", default=True, show_default=True,
+              help="Render PROMPT as a user message with the chat template, or feed it as it is.")
+@click.option("--system", default=None, help="A system message (with --chat).")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Constrain the output to this JSON schema (a file).")
+@click.option("--ignore-eos", is_flag=True, help="Generate max-tokens tokens whatever the model says.")
+@click.option("--device", default=None, help="cuda or cpu [default: cuda when there is one].")
+@click.option("--allow-gpu-mismatch", is_flag=True, help="Run an engine built for another compute capability.")
+def generate(engine_dir: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
+             top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], json_schema: str | None,
+             ignore_eos: bool, device: str | None, allow_gpu_mismatch: bool) -> None:
+    """Stream a completion of PROMPT from an engine to the terminal."""
+    import time
+
+    from qwentrt.config import SamplingParams
+    from qwentrt.engine.engine import LLMEngine
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=list(stop), ignore_eos=ignore_eos)
+    if json_schema:
+        params.guide_type, params.guide = "json_schema", Path(json_schema).read_text(encoding="utf-8")
+    try:
+        engine = LLMEngine(engine_dir, device=device, allow_gpu_mismatch=allow_gpu_mismatch)
+        messages = None
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+        start = time.perf_counter()
+        engine.add_request("cli", None if chat else prompt, params, messages=messages)
+        first = None
+        out = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                if first is None:
+                    first = time.perf_counter()
+                click.echo(out.text, nl=False)
+                if out.error:
+                    raise QwentrtError(f"generation failed: {out.error}")
+    except (QwentrtError, ValueError) as e:
+        _fail(e)
+    end = time.perf_counter()
+    click.echo()
+    if out is not None:
+        rate = (out.num_output_tokens - 1) / (end - first) if out.num_output_tokens > 1 and end > first else 0.0
+        click.echo(f"[{out.num_prompt_tokens} prompt + {out.num_output_tokens} output tokens, "
+                   f"finish: {out.finish_reason}, TTFT {1000 * (first - start):.0f} ms, {rate:.1f} tok/s]", err=True)
+
+
 if __name__ == "__main__":
     main()

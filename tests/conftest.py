@@ -8,6 +8,9 @@ from qwentrt.config import BuildConfig
 from qwentrt.engine.build import build
 from qwentrt.synth import synth
 
+# Where the runtime tests run: cpu here and in CI; `QWENTRT_TEST_DEVICE=cuda pytest` reruns them on a GPU.
+DEVICE = os.environ.get("QWENTRT_TEST_DEVICE", "cpu")
+
 # Small calibration for CI: the AWQ code path is the same as the default's.
 FAST = BuildConfig(calib_samples=4, calib_seqlen=128, awq_grid=10, device="cpu", max_seq_len=4096,
                    target="sm_89")

@@ -11,6 +11,7 @@ from qwentrt.config import SamplingParams
 from qwentrt.engine.async_engine import AsyncEngine
 from qwentrt.engine.engine import LLMEngine, RequestError
 
+from .conftest import DEVICE
 from .test_model import bf16_engine  # noqa: F401  (session fixture)
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -18,7 +19,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 def make(engine_dir, **kw):
     kw.setdefault("num_blocks", 64)
-    return LLMEngine(engine_dir, device="cpu", dtype=torch.float32, **kw)
+    return LLMEngine(engine_dir, device=DEVICE, dtype=torch.float32, allow_gpu_mismatch=True, **kw)
 
 
 def random_prompts(lengths):

@@ -15,7 +15,7 @@ from qwentrt.engine.sequence import Sequence
 from qwentrt.config import SamplingParams
 from qwentrt.quant.pack import dequantize_awq
 
-from .conftest import FAST
+from .conftest import DEVICE, FAST
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -36,17 +36,17 @@ def bf16_fp8kv_engine(tiny_ckpt, tmp_path_factory):
 
 def teacher_forced_logits(engine_dir, ids: list[int], chunk: int) -> torch.Tensor:
     """Logits at every position, the prompt fed in chunks of `chunk` tokens through the paged cache."""
-    eng = LLMEngine(engine_dir, device="cpu", dtype=torch.float32, num_blocks=32)
+    eng = LLMEngine(engine_dir, device=DEVICE, dtype=torch.float32, num_blocks=32, allow_gpu_mismatch=True)
     seq = Sequence(0, "r", ids, SamplingParams())
     eng.block_manager.allocate(seq.seq_id, ids)
     out = []
     while seq.num_computed_tokens < len(ids):
         n = min(chunk, len(ids) - seq.num_computed_tokens)
         input_ids, meta = eng.runner.prepare([ScheduledSeq(seq, n)], eng.block_manager)
-        meta.logits_indices = torch.arange(n)
+        meta.logits_indices = torch.arange(n, device=input_ids.device)
         out.append(eng.runner.model.compute_logits(eng.runner.model(input_ids, meta, eng.runner.kv_caches)))
         seq.num_computed_tokens += n
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def hf_logits(state_dict_or_path, ids: list[int], config_dir) -> torch.Tensor:

@@ -20,6 +20,7 @@ from qwentrt.engine.sampler import Sampler
 from qwentrt.engine.scheduler import Scheduler
 from qwentrt.engine.sequence import Sequence, Status
 from qwentrt.engine.target import check_runs_on
+from qwentrt.errors import ConfigError
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on the CPU (the engine's plan is for its GPU)
 
@@ -61,9 +62,12 @@ class LLMEngine:
             num_blocks = cfg.kv_cache.num_blocks
             if self.device.type == "cpu":
                 num_blocks = min(num_blocks, CPU_KV_BUDGET // (cfg.kv_cache.bytes_per_token * cfg.kv_cache.block_size))
-        self.block_manager = BlockManager(num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         self.runner = ModelRunner(self.engine_dir, cfg, self.device, self.dtype, num_blocks)
+        if self.runner.num_blocks == 0:
+            raise ConfigError(f"no KV pages fit in the memory free on {self.device}: free GPU memory, or rebuild "
+                              "with a smaller --max-num-tokens / --max-batch-size")
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         from tokenizers import Tokenizer
         self.tokenizer = Tokenizer.from_file(str(self.engine_dir / "tokenizer.json"))
         self._hf_tokenizer = None

@@ -27,9 +27,22 @@ class ModelRunner:
         kv_dtype = KV_DTYPES[engine.kv_cache.dtype]
         if kv_dtype == torch.bfloat16:
             kv_dtype = dtype  # unquantized KV is kept in the compute dtype (float32 in CPU tests)
+        if device.type == "cuda":
+            num_blocks = self._fit_blocks(num_blocks, kv_dtype)
+        self.num_blocks = num_blocks
         shape = (num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
                            torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
+
+    def _fit_blocks(self, planned: int, kv_dtype: torch.dtype) -> int:
+        """The plan is for the engine's budget; never take more than this GPU has free now, keeping room
+        for one step's activations."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        mem = self.engine.memory
+        reserve = mem.activations + mem.cuda_graphs_and_workspace + mem.headroom
+        cfg = self.engine.model
+        block_bytes = 2 * cfg.num_hidden_layers * self.block_size * cfg.kv_size * torch.finfo(kv_dtype).bits // 8
+        return max(0, min(planned, (free - reserve) // block_bytes))
 
     def prepare(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, cu, ctx, tables, logits_idx = [], [], [], [0], [], [], []

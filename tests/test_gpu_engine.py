@@ -1,0 +1,57 @@
+"""The runtime on a CUDA GPU in its serving precision (bf16 compute, INT4 AWQ, FP8 KV)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qwentrt.config import SamplingParams
+from qwentrt.engine.build import build
+from qwentrt.engine.engine import LLMEngine
+
+from .conftest import FAST
+from .test_model import rel
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny-cuda"
+    build(tiny_ckpt, out, replace(FAST, device="cuda", target="auto"), progress=False, log=lambda *_: None)
+    return out
+
+
+def logits_of(engine: LLMEngine, ids):
+    from qwentrt.engine.scheduler import ScheduledSeq
+    from qwentrt.engine.sequence import Sequence
+    seq = Sequence(0, "r", ids, SamplingParams())
+    engine.block_manager.allocate(0, ids)
+    input_ids, meta = engine.runner.prepare([ScheduledSeq(seq, len(ids))], engine.block_manager)
+    meta.logits_indices = torch.arange(len(ids), device=input_ids.device)
+    out = engine.runner.model.compute_logits(engine.runner.model(input_ids, meta, engine.runner.kv_caches))
+    engine.block_manager.free(0)
+    return out.cpu()
+
+
+def test_bf16_serving_precision_tracks_the_float32_reference(cuda_engine):
+    ids = torch.randint(0, 151000, (100,)).tolist()
+    fast = logits_of(LLMEngine(cuda_engine, device="cuda", num_blocks=64), ids)
+    ref = logits_of(LLMEngine(cuda_engine, device="cpu", dtype=torch.float32, num_blocks=64,
+                              allow_gpu_mismatch=True), ids)
+    assert rel(fast, ref) < 3e-2, rel(fast, ref)
+
+
+def test_generate_and_guided_json_on_cuda(cuda_engine):
+    import jsonschema
+    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
+    outs = eng.generate(["hello"] * 8, SamplingParams(max_tokens=32, temperature=0.8, seed=3, ignore_eos=True))
+    assert all(o.num_output_tokens == 32 for o in outs)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "s": {"type": "string", "maxLength": 5}},
+              "required": ["n", "s"], "additionalProperties": False}
+    out = eng.generate(["JSON:"], SamplingParams(max_tokens=64, temperature=1.0, seed=1, guide_type="json_schema",
+                                                 guide=json.dumps(schema)))[0]
+    jsonschema.validate(json.loads(out.text), schema)
+    assert eng.stats()["kv_pages_used"] == 0
