@@ -173,3 +173,45 @@ def test_async_generate_streams_and_cancel_frees_pages(bf16_engine):
         assert aeng.stats()["kv_pages_used"] == 0 and aeng.stats()["running"] == 0
     finally:
         aeng.shutdown()
+
+
+def test_min_tokens_masks_end_tokens(bf16_engine):
+    eng = make(bf16_engine)
+    prompt = random_prompts([12])[0]
+    first = eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids[0]
+    # Make the greedy first token an end token: without min_tokens it stops at once...
+    early = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first]))[0]
+    assert early.finish_reason == "stop" and early.token_ids == [first]
+    # ...with min_tokens=3 it cannot end before the third token.
+    held = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first],
+                                                 min_tokens=3))[0]
+    assert held.num_output_tokens >= 3 and first not in held.token_ids[:2]
+
+
+def test_a_fault_in_a_step_fails_its_requests_and_the_engine_goes_on(bf16_engine, monkeypatch):
+    eng = make(bf16_engine)
+    eng.add_request("doomed", "hello", GREEDY)
+    original = eng.runner.run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(eng.runner, "run", broken)
+    outs = eng.step()
+    assert [o.finish_reason for o in outs] == ["error"] and "simulated kernel failure" in outs[0].error
+    assert eng.stats()["kv_pages_used"] == 0 and not eng.has_unfinished()
+    monkeypatch.setattr(eng.runner, "run", original)
+    assert eng.generate(["hello"], GREEDY)[0].finish_reason == "length"
+
+
+def test_generate_cli_streams(bf16_engine):
+    from click.testing import CliRunner
+
+    from qwentrt.cli import main
+    args = ["generate", str(bf16_engine), "Tell me about 秋天", "--max-tokens", "8", "--ignore-eos", "--seed", "1",
+            "--device", DEVICE, "--allow-gpu-mismatch"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "8 output tokens, finish: length" in result.output
+    bad = CliRunner().invoke(main, args + ["--top-p", "1.5"])
+    assert bad.exit_code == 2 and "top_p: must be in (0, 1]" in bad.output
