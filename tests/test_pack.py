@@ -3,16 +3,9 @@
 import torch
 
 from qwentrt.quant.awq import pseudo_quantize
-from qwentrt.quant.pack import AWQ_PACK_ORDER, dequantize_awq, pack_awq, pack_int4, unpack_int4
+from qwentrt.quant.pack import dequantize_awq, pack_awq, pack_int4, unpack_int4
 
-
-def autoawq_pack_loop(intweight: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ's WQLinear_GEMM packing, written as its reference loop ([R, N] -> [R, N/8])."""
-    packed = torch.zeros(intweight.shape[0], intweight.shape[1] // 8, dtype=torch.int32)
-    for col in range(intweight.shape[1] // 8):
-        for i in range(8):
-            packed[:, col] |= intweight[:, col * 8 + AWQ_PACK_ORDER[i]].to(torch.int32) << (i * 4)
-    return packed
+from .autoawq_ref import pack_loop as autoawq_pack_loop
 
 
 def test_pack_unpack_round_trip():
