@@ -55,3 +55,13 @@ def test_generate_and_guided_json_on_cuda(cuda_engine):
                                                  guide=json.dumps(schema)))[0]
     jsonschema.validate(json.loads(out.text), schema)
     assert eng.stats()["kv_pages_used"] == 0
+
+
+def test_an_engine_for_another_gpu_is_refused_unless_allowed(tiny_engine):
+    from qwentrt.errors import ConfigError
+    # tiny_engine was built for sm_89 (the RTX 4090); this test runs on another card.
+    if torch.cuda.get_device_capability() == (8, 9):
+        pytest.skip("this GPU is the engine's target")
+    with pytest.raises(ConfigError, match="built for NVIDIA GeForce RTX 4090 .* --allow-gpu-mismatch"):
+        LLMEngine(tiny_engine, device="cuda")
+    LLMEngine(tiny_engine, device="cuda", num_blocks=16, allow_gpu_mismatch=True)
