@@ -183,5 +183,79 @@ def generate(engine_dir: Path, prompt: str, chat: bool, system: str | None, max_
                    f"finish: {out.finish_reason}, TTFT {1000 * (first - start):.0f} ms, {rate:.1f} tok/s]", err=True)
 
 
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("model_repository"), show_default=True)
+@click.option("--device", default=None, help="cuda or cpu for the qwen3 model [default: cuda when there is one].")
+@click.option("--max-queue-size", type=int, default=None,
+              help="Requests waiting beyond this get UNAVAILABLE [default: 4 x max batch size].")
+def repo(engine_dir: Path, out: Path, device: str | None, max_queue_size: int | None) -> None:
+    """Write a Triton model repository (qwen3, json_validator, ensemble) for an engine."""
+    from qwentrt.serving.repository import write_repository
+
+    try:
+        write_repository(engine_dir, out, device=device, max_queue_size=max_queue_size)
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(f"wrote {out}: qwen3 (decoupled), json_validator, ensemble")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--repo", "repo_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("model_repository"), show_default=True,
+              help="Model repository to serve (written from ENGINE_DIR when that is given).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--device", default=None, help="cuda or cpu [default: cuda when there is one].")
+@click.option("--api-key", envvar="QWENTRT_API_KEY", default=None,
+              help="Key for Triton's restricted protocols (repository, config, shared memory, logging, trace); "
+                   "clients send it as header qwentrt-key. [env QWENTRT_API_KEY]")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="tritonserver's log [default: REPO/../tritonserver.log].")
+@click.option("--timeout", "timeout_s", type=float, default=600, show_default=True,
+              help="Seconds to wait for the models to be ready.")
+def serve(engine_dir: Path | None, repo_dir: Path, host: str, grpc_port: int, http_port: int, metrics_port: int,
+          device: str | None, api_key: str | None, log_file: Path | None, timeout_s: float) -> None:
+    """Serve an engine with tritonserver until Ctrl-C."""
+    import signal
+    import time
+
+    from qwentrt.serving.repository import write_repository
+    from qwentrt.serving.server import ServerOptions, TritonServer
+
+    try:
+        if engine_dir is not None:
+            write_repository(engine_dir, repo_dir, device=device)
+        elif not (repo_dir / "qwen3" / "config.pbtxt").is_file():
+            raise QwentrtError(f"{repo_dir} is not a qwentrt model repository: pass the engine folder "
+                               "(qwentrt serve build/NAME) or write one with `qwentrt repo`")
+        log_file = log_file or repo_dir.resolve().parent / "tritonserver.log"
+        server = TritonServer(ServerOptions(repo_dir, grpc_port, http_port, metrics_port, host,
+                                            restricted_key=api_key), log_file=log_file)
+        click.echo(f"starting tritonserver ({server.binary.executable}), log: {log_file}", err=True)
+        server.start()
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            server.wait_ready(("qwen3", "json_validator"), timeout_s)
+            click.echo(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}\n"
+                       f"models: qwen3 (streaming), ensemble, json_validator. Ctrl-C stops.")
+            while not stop["now"] and server.process.poll() is None:
+                time.sleep(0.5)
+            if server.process.poll() is not None and not stop["now"]:
+                raise QwentrtError(f"tritonserver exited with code {server.process.returncode}; see {log_file}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            click.echo("stopping tritonserver (draining in-flight requests)...", err=True)
+            server.stop()
+    except QwentrtError as e:
+        _fail(e)
+
+
 if __name__ == "__main__":
     main()

@@ -1,12 +1,13 @@
 """The engine loop in a background thread, for servers: `generate()` is an async iterator of text
-deltas; leaving it early (cancel, disconnect) aborts the request and frees its KV pages."""
+deltas; leaving it early (cancel, disconnect) aborts the request and frees its KV pages. `add()`
+takes a callback instead, called on the engine thread (the Triton model uses that)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from qwentrt.config import SamplingParams
 from qwentrt.engine.engine import LLMEngine, RequestOutput
@@ -17,7 +18,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
         self._stop = False
         self.error: BaseException | None = None
@@ -36,13 +37,25 @@ class AsyncEngine:
                 self._wake.clear()
 
     def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if target is None:
+        callback = self._streams.get(out.request_id)
+        if callback is None:
             return
-        loop, queue = target
-        loop.call_soon_threadsafe(queue.put_nowait, out)
         if out.finished:
             self._streams.pop(out.request_id, None)
+        try:
+            callback(out)
+        except Exception:  # a consumer's fault must not stop the engine loop
+            self.abort(out.request_id)
+
+    def add(self, request_id: str, on_output: Callable[[RequestOutput], None], prompt: str | None = None,
+            params: SamplingParams | None = None, messages: list[dict] | None = None,
+            prompt_ids: list[int] | None = None) -> None:
+        """Add a request whose outputs go to `on_output` (called on the engine thread; keep it short).
+        Raises RequestError at once for bad input."""
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
+            self._streams[request_id] = on_output
+        self._wake.set()
 
     def submit(self, request_id: str | None = None, prompt: str | None = None,
                params: SamplingParams | None = None, messages: list[dict] | None = None,
@@ -50,10 +63,9 @@ class AsyncEngine:
         """Add a request (raises RequestError at once for bad input) and get its output queue."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
+        loop = asyncio.get_running_loop()
+        self.add(request_id, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), prompt, params,
+                 messages, prompt_ids)
         return request_id, queue
 
     def abort(self, request_id: str) -> None:

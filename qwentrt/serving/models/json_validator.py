@@ -1,0 +1,60 @@
+"""Triton Python-backend model `json_validator`, copied into the repository by `qwentrt repo`:
+inputs `text` and `schema` (BYTES), outputs `valid` (BOOL) and `errors` (BYTES, one per line)."""
+
+import json
+import os
+import site
+import sys
+
+
+def _use_qwentrt_environment():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "qwentrt_env.json"), encoding="utf-8") as f:
+        paths = json.load(f)["sys_path"]
+    before = list(sys.path)
+    for path in paths:
+        site.addsitedir(path)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before
+
+
+_use_qwentrt_environment()
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from qwentrt.serving.json_validator import InvalidSchema, validate
+
+        self.validate, self.InvalidSchema = validate, InvalidSchema
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                text = self._text(request, "text")
+                schema = self._text(request, "schema")
+                valid, errors = self.validate(text, schema)
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("valid", np.array([[valid]], dtype=np.bool_)),
+                    pb_utils.Tensor("errors", np.array([["\n".join(errors).encode("utf-8")]], dtype=np.object_))]))
+            except (self.InvalidSchema, ValueError) as e:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+        return responses
+
+    @staticmethod
+    def _text(request, name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise ValueError(f"{name}: required")
+        arr = tensor.as_numpy()
+        if arr.size != 1:
+            raise ValueError(f"{name}: expected one string per request, got shape {list(arr.shape)}")
+        value = arr.reshape(-1)[0]
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}: not valid UTF-8 (byte {e.start})") from None

@@ -1,0 +1,259 @@
+"""What the Triton `qwen3` model (Python backend, decoupled) runs: the engine loop in a thread, requests
+parsed and submitted as they arrive, and a sender thread that turns engine outputs into responses.
+
+The sender coalesces: when a stream produces tokens faster than responses can be sent (a decoupled
+Python-backend response costs ~0.1-0.3 ms), one response carries every token produced since the
+previous one. Cancelled requests are aborted (their KV pages freed) within one sender pass."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qwentrt.engine.async_engine import AsyncEngine
+from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
+from qwentrt.serving.request import BadRequest, ParsedRequest, parse
+
+OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
+           "output_log_probs", "batch_index", "sequence_index", "json_valid", "json_errors")
+
+
+@dataclass
+class Stream:
+    request_id: str
+    sender: Any
+    parsed: ParsedRequest
+    prompt_text: str
+    pending: list[RequestOutput] = field(default_factory=list)
+    text: str = ""  # all text so far (non-streamed requests send it at the end)
+    logprobs: list[float] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+class Qwen3Backend:
+    def __init__(self, params: dict[str, str], pb_utils: Any, model_name: str = "qwen3"):
+        self.pb = pb_utils
+        device = params.get("device") or None
+        self.engine = LLMEngine(params["engine_dir"], device=device,
+                                allow_gpu_mismatch=params.get("allow_gpu_mismatch", "false") == "true")
+        self.max_queue = int(params.get("max_queue_size", 4 * self.engine.max_batch_size))
+        self.validator = params.get("json_validator_model", "json_validator")
+        self.service = AsyncEngine(self.engine)
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._stop = False
+        self.metrics = _Metrics(pb_utils, model_name)
+        self._sender = threading.Thread(target=self._send_loop, name="qwentrt-sender", daemon=True)
+        self._sender.start()
+
+    # ---- requests in -----------------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        pb = self.pb
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                parsed = parse(inputs, self.engine.max_seq_len - 1)
+                if self.service.stats()["waiting"] >= self.max_queue:
+                    self._reject(sender, f"server busy: {self.max_queue} requests already queued; retry later",
+                                 pb.TritonError.UNAVAILABLE)
+                    continue
+                rid = f"{request.request_id() or 'req'}#{next(self._ids)}"
+                stream = Stream(rid, sender, parsed, parsed.prompt or "")
+                self.metrics.requests.increment(1)
+                with self._lock:
+                    self._streams[rid] = stream
+                try:
+                    self.service.add(rid, lambda out, s=stream: self._on_output(s, out), parsed.prompt, parsed.params,
+                                     messages=parsed.messages)
+                except BaseException:
+                    with self._lock:
+                        self._streams.pop(rid, None)
+                    raise
+            except (BadRequest, RequestError) as e:
+                self._reject(sender, str(e), pb.TritonError.INVALID_ARG)
+            except Exception as e:  # never let one request take the model down
+                self._reject(sender, f"{type(e).__name__}: {e}", pb.TritonError.INTERNAL)
+        return None
+
+    def _reject(self, sender: Any, message: str, code: int) -> None:
+        self.metrics.rejected.increment(1)
+        sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message, code)),
+                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _on_output(self, stream: Stream, out: RequestOutput) -> None:  # engine thread
+        with self._lock:
+            stream.pending.append(out)
+        self._wake.set()
+
+    # ---- responses out ---------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        last_gauges = 0.0
+        while not self._stop:
+            self._wake.wait(timeout=0.05)
+            self._wake.clear()
+            try:
+                last_gauges = self._send_pass(last_gauges)
+            except Exception as e:  # the sender must outlive any one failure
+                print(f"qwentrt: sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _send_pass(self, last_gauges: float) -> float:
+        with self._lock:
+            ready = [(s, s.pending) for s in self._streams.values() if s.pending]
+            for s, _ in ready:
+                s.pending = []
+            live = list(self._streams.values())
+        for stream, outputs in ready:
+            try:
+                self._send(stream, outputs)
+            except Exception:  # a broken client connection: drop the request
+                self._drop(stream)
+        for stream in live:
+            if stream.request_id in self._streams and stream.sender.is_cancelled():
+                self.service.abort(stream.request_id)
+                self._drop(stream)
+                self.metrics.cancelled.increment(1)
+        now = time.monotonic()
+        if now - last_gauges > 0.5:
+            self.metrics.update(self.service.stats())
+            last_gauges = now
+        return last_gauges
+
+    def _drop(self, stream: Stream) -> None:
+        with self._lock:
+            self._streams.pop(stream.request_id, None)
+        try:
+            stream.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:
+            pass
+
+    def _send(self, stream: Stream, outputs: list[RequestOutput]) -> None:
+        pb = self.pb
+        last = outputs[-1]
+        delta = "".join(o.text for o in outputs)
+        new_tokens = sum(len(o.token_ids) for o in outputs)
+        now = time.monotonic()
+        if new_tokens:
+            if stream.first_token is None:
+                stream.first_token = now
+                self.metrics.ttft.observe(now - stream.arrival)
+            elif stream.last_token is not None:
+                self.metrics.itl.observe((now - stream.last_token) / new_tokens)
+            stream.last_token = now
+        self.metrics.tokens_out.increment(new_tokens)
+        stream.text += delta
+        for o in outputs:
+            stream.logprobs.extend(o.logprobs)
+        if last.finished:
+            with self._lock:
+                self._streams.pop(stream.request_id, None)
+            self.metrics.tokens_in.increment(last.num_prompt_tokens)
+            if last.finish_reason == "error":
+                stream.sender.send(pb.InferenceResponse(error=pb.TritonError(
+                    f"generation failed: {last.error}", pb.TritonError.INTERNAL)),
+                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+        if stream.parsed.stream:
+            text = delta
+        elif last.finished:
+            text = stream.text if stream.parsed.exclude_input_in_output else stream.prompt_text + stream.text
+        else:
+            return  # non-streamed: one response at the end
+        valid, errors = None, ""
+        if last.finished and stream.parsed.schema is not None:
+            valid, errors = self._validate(stream.text, stream.parsed.schema)
+        response = pb.InferenceResponse(output_tensors=self._tensors(stream, text, last, valid, errors))
+        flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last.finished else 0
+        stream.sender.send(response, flags=flags)
+
+    def _tensors(self, stream: Stream, text: str, out: RequestOutput, valid: bool | None, errors: str) -> list:
+        T = self.pb.Tensor
+        logprobs = stream.logprobs if out.finished or not stream.parsed.stream else out.logprobs
+        tensors = [
+            T("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            T("num_input_tokens", np.array([[out.num_prompt_tokens]], dtype=np.int32)),
+            T("num_output_tokens", np.array([[out.num_output_tokens]], dtype=np.int32)),
+            T("finish_reason", np.array([[(out.finish_reason or "").encode()]], dtype=np.object_)),
+            T("cum_log_probs", np.array([[out.cum_logprob]], dtype=np.float32)),
+            T("output_log_probs", np.array([logprobs or [0.0]], dtype=np.float32)),
+            T("batch_index", np.array([[0]], dtype=np.int32)),
+            T("sequence_index", np.array([[0]], dtype=np.int32)),
+        ]
+        if valid is not None:
+            tensors += [T("json_valid", np.array([[valid]], dtype=np.bool_)),
+                        T("json_errors", np.array([[errors.encode("utf-8")]], dtype=np.object_))]
+        return tensors
+
+    def _validate(self, text: str, schema: str) -> tuple[bool, str]:
+        """Ask the json_validator model (BLS) whether the final text satisfies the schema."""
+        pb = self.pb
+        request = pb.InferenceRequest(
+            model_name=self.validator, requested_output_names=["valid", "errors"],
+            inputs=[pb.Tensor("text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                    pb.Tensor("schema", np.array([[schema.encode("utf-8")]], dtype=np.object_))])
+        response = request.exec()
+        if response.has_error():
+            return False, f"validator failed: {response.error().message()}"
+        valid = bool(pb.get_output_tensor_by_name(response, "valid").as_numpy().reshape(-1)[0])
+        errors = pb.get_output_tensor_by_name(response, "errors").as_numpy().reshape(-1)[0]
+        return valid, errors.decode("utf-8") if isinstance(errors, bytes) else str(errors)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._sender.join(timeout=5)
+        self.service.shutdown()
+
+
+class _Metrics:
+    """Custom Prometheus metrics on Triton's metrics port (nv_... are Triton's own)."""
+
+    TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+    ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+
+    def __init__(self, pb: Any, model: str):
+        fam = pb.MetricFamily
+        labels = {"model": model}
+        self._families = []  # a MetricFamily must outlive its metrics
+
+        def metric(name: str, desc: str, kind, **kw):
+            family = fam(name=name, description=desc, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels, **kw)
+
+        self.requests = metric("qwentrt_requests_total", "Requests accepted", fam.COUNTER)
+        self.rejected = metric("qwentrt_requests_rejected_total", "Requests refused (bad input, overload)", fam.COUNTER)
+        self.cancelled = metric("qwentrt_requests_cancelled_total", "Requests cancelled by their client", fam.COUNTER)
+        self.tokens_in = metric("qwentrt_prompt_tokens_total", "Prompt tokens of finished requests", fam.COUNTER)
+        self.tokens_out = metric("qwentrt_generated_tokens_total", "Generated tokens", fam.COUNTER)
+        self.gauges = {k: metric(f"qwentrt_{k}", desc, fam.GAUGE) for k, desc in {
+            "running": "Requests running", "waiting": "Requests waiting", "kv_pages_used": "KV pages in use",
+            "kv_pages_free": "KV pages free", "prefix_cache_hit_tokens": "Prompt tokens served from the prefix cache",
+            "preemptions": "Requests preempted so far"}.items()}
+        histogram = getattr(fam, "HISTOGRAM", None)
+        if histogram is not None:
+            self.ttft = metric("qwentrt_time_to_first_token_seconds", "Time to first token", histogram,
+                               buckets=self.TTFT_BUCKETS)
+            self.itl = metric("qwentrt_inter_token_latency_seconds", "Time between tokens", histogram,
+                              buckets=self.ITL_BUCKETS)
+        else:  # older Python backends: keep the interface, drop the samples
+            self.ttft = self.itl = _NoHistogram()
+
+    def update(self, stats: dict[str, int]) -> None:
+        for key, gauge in self.gauges.items():
+            gauge.set(stats.get(key, 0))
+
+
+class _NoHistogram:
+    def observe(self, value: float) -> None:
+        pass

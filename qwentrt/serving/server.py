@@ -1,0 +1,179 @@
+"""Find tritonserver (on PATH, or the one the nvidia-pytriton wheel ships) and run it: start with
+ports and options, wait until the models are ready, stop cleanly (SIGTERM lets Triton drain)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwentrt.errors import QwentrtError
+
+
+class ServerError(QwentrtError):
+    """tritonserver is missing, failed to start, or its models did not become ready."""
+
+
+@dataclass(frozen=True)
+class TritonBinary:
+    executable: Path
+    backend_dir: Path | None  # None: the binary's own default
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def find_tritonserver() -> TritonBinary:
+    """$QWENTRT_TRITONSERVER, else `tritonserver` on PATH, else nvidia-pytriton's bundled server."""
+    explicit = os.environ.get("QWENTRT_TRITONSERVER") or shutil.which("tritonserver")
+    if explicit:
+        exe = Path(explicit).resolve()
+        for backends in (Path("/opt/tritonserver/backends"), exe.parent.parent / "backends"):
+            if (backends / "python").is_dir():
+                return TritonBinary(exe, backends)
+        return TritonBinary(exe, None)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("no tritonserver found: install the server extra (pip install 'qwentrt[server]', which "
+                          "brings nvidia-pytriton and its tritonserver), or put tritonserver on PATH")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    exe = root / "bin" / "tritonserver"
+    if not exe.is_file():
+        raise ServerError(f"nvidia-pytriton is installed but has no tritonserver at {exe}")
+    return TritonBinary(exe, _pytriton_backends(root), {"LD_LIBRARY_PATH": _ld_path(root.parent.parent / "nvidia_pytriton.libs")})
+
+
+def _pytriton_backends(root: Path) -> Path:
+    """A backend folder whose Python backend uses the stub built for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton ships no Python-backend stub for Python {version}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwentrt" / "triton-backends" / version
+    python = cache / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for src in [root / "backends" / "python" / "libtriton_python.so",
+                root / "backends" / "python" / "triton_python_backend_utils.py", stub]:
+        dst = python / src.name
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return cache
+
+
+def _ld_path(libs: Path) -> str:
+    current = os.environ.get("LD_LIBRARY_PATH")
+    return f"{libs}:{current}" if current else str(libs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerOptions:
+    repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    log_verbose: int = 0
+    exit_timeout_s: int = 30
+    restricted_key: str | None = None  # header value for the restricted protocol groups
+    extra_args: tuple[str, ...] = ()
+
+
+class TritonServer:
+    """A tritonserver process over a model repository."""
+
+    def __init__(self, options: ServerOptions, log_file: Path | None = None):
+        self.options = options
+        self.binary = find_tritonserver()
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        o = self.options
+        cmd = [str(self.binary.executable), f"--model-repository={Path(o.repository).resolve()}",
+               f"--grpc-port={o.grpc_port}", f"--http-port={o.http_port}", f"--metrics-port={o.metrics_port}",
+               f"--grpc-address={o.host}", f"--http-address={o.host}", "--model-control-mode=none",
+               f"--exit-timeout-secs={o.exit_timeout_s}", f"--log-verbose={o.log_verbose}", "--allow-metrics=true"]
+        if self.binary.backend_dir is not None:
+            cmd.append(f"--backend-directory={self.binary.backend_dir}")
+        if o.restricted_key:
+            groups = "model-repository,model-config,shared-memory,logging,trace"
+            cmd += [f"--grpc-restricted-protocol={groups}:qwentrt-key={o.restricted_key}",
+                    f"--http-restricted-api={groups}:qwentrt-key={o.restricted_key}"]
+        return cmd + list(o.extra_args)
+
+    def start(self) -> "TritonServer":
+        env = dict(os.environ, **self.binary.env)
+        self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.command(), env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        return self
+
+    def wait_ready(self, models: tuple[str, ...] = ("qwen3",), timeout_s: float = 600) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout_s
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting"
+                                      f"{self._log_tail()}")
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        finally:
+            client.close()
+        raise ServerError(f"tritonserver's models {', '.join(models)} were not ready after {timeout_s:.0f} s"
+                          f"{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        if not self.log_file or not Path(self.log_file).is_file():
+            return ""
+        tail = Path(self.log_file).read_text(errors="replace").splitlines()[-lines:]
+        return ":\n  " + "\n  ".join(tail)
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s or self.options.exit_timeout_s + 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
