@@ -22,7 +22,7 @@ from qwentrt.engine.sequence import Sequence, Status
 from qwentrt.engine.target import check_runs_on
 from qwentrt.errors import ConfigError
 
-CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on the CPU (the engine's plan is for its GPU)
+CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on the CPU (the engine's plan is for its GPU)
 
 
 class RequestError(ValueError):

@@ -87,9 +87,14 @@ class Qwen3Backend:
         return None
 
     def _reject(self, sender: Any, message: str, code: int) -> None:
+        """A final error response. gRPC streams carry only the message, so it starts with the code."""
         self.metrics.rejected.increment(1)
-        sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message, code)),
+        sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(f"[{self._code_name(code)}] {message}", code)),
                     flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _code_name(self, code: int) -> str:
+        E = self.pb.TritonError
+        return {E.INVALID_ARG: "INVALID_ARG", E.UNAVAILABLE: "UNAVAILABLE", E.INTERNAL: "INTERNAL"}.get(code, "ERROR")
 
     def _on_output(self, stream: Stream, out: RequestOutput) -> None:  # engine thread
         with self._lock:
@@ -103,11 +108,12 @@ class Qwen3Backend:
             self._wake.wait(timeout=0.05)
             self._wake.clear()
             try:
-                last_gauges = self._send_pass(last_gauges)
+                self._send_pass()
+                last_gauges = self._gauges(last_gauges)
             except Exception as e:  # the sender must outlive any one failure
                 print(f"qwentrt: sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
 
-    def _send_pass(self, last_gauges: float) -> float:
+    def _send_pass(self) -> None:
         with self._lock:
             ready = [(s, s.pending) for s in self._streams.values() if s.pending]
             for s, _ in ready:
@@ -116,13 +122,20 @@ class Qwen3Backend:
         for stream, outputs in ready:
             try:
                 self._send(stream, outputs)
-            except Exception:  # a broken client connection: drop the request
-                self._drop(stream)
+            except Exception as e:  # the client is gone (cancelled, disconnected): stop its request
+                print(f"qwentrt: dropping {stream.request_id}: {type(e).__name__}: {e}", file=sys.stderr)
+                self._cancel(stream)
         for stream in live:
             if stream.request_id in self._streams and stream.sender.is_cancelled():
-                self.service.abort(stream.request_id)
-                self._drop(stream)
-                self.metrics.cancelled.increment(1)
+                self._cancel(stream)
+
+    def _cancel(self, stream: Stream) -> None:
+        """Abort the engine request (its KV pages are freed now) and release the Triton request."""
+        self.service.abort(stream.request_id)
+        self._drop(stream)
+        self.metrics.cancelled.increment(1)
+
+    def _gauges(self, last_gauges: float) -> float:
         now = time.monotonic()
         if now - last_gauges > 0.5:
             self.metrics.update(self.service.stats())
@@ -160,7 +173,7 @@ class Qwen3Backend:
             self.metrics.tokens_in.increment(last.num_prompt_tokens)
             if last.finish_reason == "error":
                 stream.sender.send(pb.InferenceResponse(error=pb.TritonError(
-                    f"generation failed: {last.error}", pb.TritonError.INTERNAL)),
+                    f"[INTERNAL] generation failed: {last.error}", pb.TritonError.INTERNAL)),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
         if stream.parsed.stream:
