@@ -9,6 +9,10 @@ MODEL ?= build/checkpoints/qwen3-$(PRESET)
 ENGINE ?= build/qwen3-$(PRESET)
 BUILD_ARGS ?=
 FORCE ?=
+HOST ?= 127.0.0.1
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
 
 QWENTRT := $(VENV)/bin/qwentrt
 SYNTH_MODEL := build/checkpoints/qwen3-$(PRESET)
@@ -20,7 +24,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[server,test]'
 	touch $@
 
 # Synthesize the checkpoint when MODEL is the default synthetic path, then build the engine.
@@ -34,8 +38,19 @@ engine: install
 		echo "qwentrt build $(MODEL) -o $(ENGINE) $(BUILD_ARGS)"; \
 		$(QWENTRT) build $(MODEL) -o $(ENGINE) --force $(BUILD_ARGS); fi
 
-serve demo bench: install
-	@echo "make $@: not built yet (qwentrt serve, demo and bench arrive with the serving and speed issues)"; exit 2
+# Serve ENGINE with tritonserver (gRPC $(GRPC_PORT), HTTP $(HTTP_PORT), metrics $(METRICS_PORT)) until Ctrl-C.
+serve: install
+	@[ -f "$(ENGINE)/engine.json" ] || { echo "no engine at $(ENGINE): run make engine first"; exit 2; }
+	$(QWENTRT) serve $(ENGINE) --repo model_repository --host $(HOST) --grpc-port $(GRPC_PORT) \
+		--http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+# Any machine: tiny synthetic checkpoint -> engine -> tritonserver on free ports -> one streamed request.
+demo: install
+	$(MAKE) --no-print-directory engine PRESET=tiny MODEL=build/checkpoints/qwen3-tiny ENGINE=build/qwen3-tiny
+	$(VENV)/bin/python -m qwentrt.serving.demo build/qwen3-tiny
+
+bench: install
+	@echo "make bench: not built yet (qwentrt bench arrives with the speed issue)"; exit 2
 
 test: install
 	$(VENV)/bin/python -m pytest -q
