@@ -257,5 +257,35 @@ def serve(engine_dir: Path | None, repo_dir: Path, host: str, grpc_port: int, ht
         _fail(e)
 
 
+@main.command("perf-analyzer")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="tritonserver's gRPC address.")
+@click.option("--concurrency", default="1,16,64", show_default=True, help="Comma-separated concurrencies.")
+@click.option("--prompt-len", type=int, default=1000, show_default=True, help="Prompt tokens.")
+@click.option("--output-len", type=int, default=1000, show_default=True, help="Output tokens (forced).")
+@click.option("--measurement-ms", type=int, default=20000, show_default=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("build/perf_analyzer"), show_default=True)
+def perf_analyzer_cmd(url: str, concurrency: str, prompt_len: int, output_len: int, measurement_ms: int,
+                      out_dir: Path) -> None:
+    """Run perf_analyzer (streaming, gRPC) against the qwen3 model over a concurrency sweep; keeps its CSVs."""
+    from qwentrt.bench import perf_analyzer
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        if not levels or min(levels) < 1:
+            raise QwentrtError(f"--concurrency: positive integers separated by commas, got {concurrency!r}")
+        rows = perf_analyzer.run(url, out_dir, levels, prompt_len, output_len, measurement_ms=measurement_ms)
+    except ValueError:
+        _fail(QwentrtError(f"--concurrency: positive integers separated by commas, got {concurrency!r}"))
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(f"{'concurrency':>11}  {'responses/s':>12}  {'p50 latency ms':>14}")
+    for row in rows:
+        rps = row.get("Inferences/Second", "?")
+        p50 = row.get("p50 latency", "")
+        click.echo(f"{row['concurrency']:>11}  {rps:>12}  {(float(p50) / 1000 if p50 else float('nan')):>14.1f}")
+    click.echo(f"CSVs and logs in {out_dir}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Benchmarks: synthetic prompts, perf_analyzer runs (and, with the speed issue, qwentrt bench)."""
