@@ -257,6 +257,48 @@ def serve(engine_dir: Path | None, repo_dir: Path, host: str, grpc_port: int, ht
         _fail(e)
 
 
+@main.command()
+@click.argument("url", default="127.0.0.1:8001")
+@click.option("-n", "--requests", "n", type=int, default=64, show_default=True)
+@click.option("-c", "--concurrency", type=int, default=8, show_default=True)
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="Synthetic prompt tokens.")
+@click.option("--output-len", type=int, default=128, show_default=True, help="Output tokens (forced).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Prompts, one per line (instead of synthetic ones).")
+@click.option("--model", default="qwen3", show_default=True)
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds per request.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the summary and every request's record here.")
+def probe(url: str, n: int, concurrency: int, prompt_len: int, output_len: int, prompt_file: Path | None,
+          model: str, timeout: float, json_out: Path | None) -> None:
+    """Send N streamed requests at concurrency C to URL; print TTFT, ITL, end-to-end (p50/p90/p99), tokens/s."""
+    import asyncio
+    import dataclasses
+    import time
+
+    from qwentrt.client.probes import format_table, run_probe, summarize
+
+    if n < 1 or concurrency < 1 or prompt_len < 1 or output_len < 1:
+        _fail(QwentrtError("-n, -c, --prompt-len and --output-len must be positive"))
+    prompts = None
+    if prompt_file is not None:
+        prompts = [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            _fail(QwentrtError(f"--prompt-file {prompt_file}: no prompts in it"))
+    start = time.perf_counter()
+    records = asyncio.run(run_probe(url, n, concurrency, prompt_len, output_len, prompts, model, timeout=timeout))
+    summary = summarize(records, time.perf_counter() - start)
+    click.echo(format_table(summary))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"url": url, "requests": n, "concurrency": concurrency,
+                                        "prompt_len": prompt_len, "output_len": output_len, "summary": summary,
+                                        "records": [dataclasses.asdict(r) for r in records]}, indent=1,
+                                       default=float), encoding="utf-8")
+    if all(r.error for r in records):
+        sys.exit(1)
+
+
 @main.command("perf-analyzer")
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="tritonserver's gRPC address.")
 @click.option("--concurrency", default="1,16,64", show_default=True, help="Comma-separated concurrencies.")

@@ -186,3 +186,18 @@ def test_http_generate_keeps_the_error_code(server):
     assert e.value.code == 400 and "max_tokens" in e.value.read().decode()
     ok = json.loads(post({"text_input": "hi", "max_tokens": 3}).read())
     assert ok["num_output_tokens"] == 3 and ok["text_output"].startswith("hi")
+
+
+def test_probe_cli_writes_json(server, tmp_path):
+    from click.testing import CliRunner
+
+    from qwentrt.cli import main
+    out = tmp_path / "probe.json"
+    result = CliRunner().invoke(main, ["probe", server.grpc_url, "-n", "6", "-c", "3", "--prompt-len", "20",
+                                       "--output-len", "8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert len(data["records"]) == 6 and all(r["error"] is None for r in data["records"])
+    assert all(r["output_tokens"] == 8 and r["input_tokens"] == 20 for r in data["records"])
+    assert all(r["ttft_s"] <= r["e2e_s"] and len(r["itl_s"]) == 7 for r in data["records"])
+    assert "TTFT" in result.output or "ttft" in result.output.lower()
