@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qwentrt.config import EngineConfig, Qwen3Config
-from qwentrt.engine.kernels import reference as ops
+from qwentrt.engine.kernels import ops
 
 
 @dataclass
@@ -106,6 +106,7 @@ class Qwen3Model(nn.Module):
         lm_head = tensors.get("lm_head.weight")
         self.register_buffer("lm_head", self.embed_tokens if lm_head is None else lm_head.to(dtype))
         self.register_buffer("norm", tensors["model.norm.weight"].to(dtype))
+        ops.configure(engine.kernels)
         self.register_buffer("cos_sin", ops.rope_cos_sin_cache(max_positions, cfg.head_dim, cfg.rope_theta,
                                                                self.embed_tokens.device))
         layers = []

@@ -1,0 +1,38 @@
+"""The kernels the model calls, by name: Triton kernels on CUDA where one exists, the torch
+references elsewhere (the CPU, or shapes a kernel does not cover). `configure` takes the engine's
+kernel configs (tuned at build time, or the target's defaults)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qwentrt.engine.kernels import reference
+from qwentrt.engine.kernels.reference import (  # noqa: F401  (no fast version yet)
+    fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul, write_kv)
+from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
+
+_configs: dict[str, Any] = {}
+
+
+def configure(kernel_configs: dict[str, Any]) -> None:
+    _configs.clear()
+    _configs.update(kernel_configs or {})
+
+
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, k_scale, v_scale):
+    try:
+        from qwentrt.engine.kernels import paged_attention as fast
+    except ImportError:
+        fast = None
+    if fast is None or q.device.type != "cuda":
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                         k_scale, v_scale)
+    return fast.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, k_scale,
+                                v_scale)

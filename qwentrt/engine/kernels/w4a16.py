@@ -1,0 +1,97 @@
+"""W4A16 GEMM over the AutoAWQ GEMM layout: y[M, N] = x[M, K] @ dequant(qweight)[K, N].
+
+qweight int32 [K, N/8] holds eight 4-bit values per int32 along N; logical column 8c + j sits in
+nibble (0, 4, 1, 5, 2, 6, 3, 7)[j] of packed column c (AutoAWQ's interleave). qzeros [K/G, N/8] the
+same way, scales [K/G, N]. W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
+
+One Triton kernel covers the decode range: tiles of BLOCK_M x BLOCK_N outputs, the K loop split
+SPLIT_K ways across programs (so a 1-token GEMV still fills the GPU), partial sums added atomically
+in float32. For many tokens (prefill) dequantize-then-cuBLAS is used above a token threshold from
+the engine's kernel configs (choose by measurement; the defaults are in kernels/configs.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU reference path needs no Triton
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K,
+                      stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = offs_n % 8
+        shifts = ((j % 2) * 4 + j // 2) * 4  # nibble of logical column j, in bits
+        packed_n = offs_n // 8
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + packed_n[None, :],
+                         mask=mask_k[:, None] & mask_n[None, :], other=0)
+            q = (qw >> shifts[None, :]) & 0xF
+            g = k0 // GROUP  # BLOCK_K divides GROUP: one group per K tile
+            qz = tl.load(qz_ptr + g * stride_qz + packed_n, mask=mask_n, other=0)
+            z = (qz >> shifts) & 0xF
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(x.dtype)
+            acc += tl.dot(x, w)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype, with the Triton kernel."""
+    if triton is None:
+        raise RuntimeError("the W4A16 Triton kernel needs the triton package")
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    m, k = x.shape
+    n = scales.shape[1]
+    if group_size % cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] = group_size  # a K tile must stay inside one group
+    x = x.contiguous()
+    split = cfg["SPLIT_K"]
+    out = torch.zeros((m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _w4a16_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0),
+                        scales.stride(0), out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
+                        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, num_warps=cfg["num_warps"],
+                        num_stages=cfg["num_stages"])
+    return out.to(x.dtype) if split > 1 else out
+
+
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int, configs: dict | None = None) -> torch.Tensor:
+    """The engine's W4A16 linear: the Triton kernel for few tokens on CUDA; dequantize + matmul for many
+    tokens (cuBLAS) or on the CPU (the reference)."""
+    from qwentrt.engine.kernels import reference
+
+    configs = configs or {}
+    if x.device.type != "cuda" or triton is None or x.shape[0] >= configs.get("w4a16_prefill_min_tokens", 64):
+        return reference.awq_linear(x, qweight, qzeros, scales, group_size)
+    return w4a16_gemm(x, qweight, qzeros, scales, group_size, configs.get("w4a16_decode", {}).get("default"))
