@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from qwentrt.engine.kernels import paged_attention as _paged_attention
 from qwentrt.engine.kernels import reference
 from qwentrt.engine.kernels.reference import (  # noqa: F401  (no fast version yet)
     fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul, write_kv)
@@ -27,12 +28,6 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, k_scale, v_scale):
-    try:
-        from qwentrt.engine.kernels import paged_attention as fast
-    except ImportError:
-        fast = None
-    if fast is None or q.device.type != "cuda":
-        return reference.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                         k_scale, v_scale)
-    return fast.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, k_scale,
-                                v_scale)
+    """All-decode batches on CUDA: the split-KV Triton kernel; otherwise the reference."""
+    return _paged_attention.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                            k_scale, v_scale)

@@ -1,0 +1,295 @@
+"""Paged attention for decode steps: an OpenAI-Triton split-KV ("flash-decoding") kernel.
+
+What it computes is `reference.paged_attention` for the case where every sequence of the batch has
+exactly one new query token (T == B, cu_seqlens_q == arange(B + 1)): the token attends to the whole
+context of its sequence, the new token itself being the context's last (already written to the cache).
+
+Layout (vLLM's conventions, as the reference):
+  q             [B, H, D]                             bf16 / fp16 / fp32 (one token per sequence)
+  k/v_cache     [num_blocks, block_size, Hk, D]       float8_e4m3fn (value = fp8 * k/v_scale) or q's
+                                                      dtype (scales ignored)
+  block_tables  [B, max_pages] int32                  page ids of each sequence, in context order
+  context_lens  [B]                                   tokens of context per sequence (0 gives zeros)
+  out           [B, H, D]                             q's dtype
+GQA: query head h reads KV head h // groups, groups = H // Hk.
+
+Algorithm. The context of a sequence is cut into partitions of `partition_size` tokens. Kernel 1 runs
+one program per (sequence, KV head, partition): it loads the `groups` query heads that share that KV
+head as a [GROUPS_PAD, D] tile (padded to 16 rows so that tl.dot can use tensor cores; the padding rows
+are zero and never stored), then walks its partition TILE_N tokens at a time (a tile spans one or
+several pages, or part of one: each token's page id is read from block_tables, its row in the page is
+token % block_size). The K and V tiles [TILE_N, D] are loaded once for the whole group (FP8 is loaded
+as bytes and bit-cast to float8e4nv in registers), scores = q @ K^T, and an online softmax in fp32 keeps
+a running max m, a running sum l and an unnormalized accumulator acc = sum_t exp(s_t - m) v_t.
+The k_scale of FP8 keys is folded into the softmax scale and the v_scale applied once at the end;
+fp8 -> bf16/fp16 is exact, so the tensor-core dots see the exact cached values.
+With one partition (the block table's width fits in one) kernel 1 writes out = acc / l directly. Otherwise it writes its
+partial (m, l, acc) and kernel 2, one program per (sequence, query head), combines the partitions that
+hold tokens: M = max_p m_p, out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p.
+(Scores are kept in base 2: s * log2(e), so exp2 is used throughout.)
+
+The number of partitions is a launch-time constant taken from the block table's width
+(max_pages * block_size tokens), not from the context lengths, so a launch never reads device values
+on the host (CUDA-graph friendly); programs past their sequence's context return at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from qwentrt.engine.kernels import reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): the dispatcher falls back to the reference.
+    triton = None
+
+HAS_TRITON = triton is not None
+
+_LOG2E = 1.4426950408889634
+_MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the query heads of a group are padded to this many rows
+TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
+
+
+def auto_partition_size(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Split-KV partition for a launch, from shapes only (the same choice under a CUDA graph): no split
+    when batch * Hk programs already fill the GPU (>= 12 per SM); else enough partitions for ~8 programs
+    per SM if every sequence were max_context long, in partitions of 256 to 1024 tokens (small ones
+    keep batches of mixed context lengths, where many partitions are empty, busy and balanced)."""
+    if batch * num_kv_heads >= 12 * num_sms:
+        return max(256, 1 << (max_context - 1).bit_length())  # one partition
+    want_partitions = -(-8 * num_sms // (batch * num_kv_heads))
+    size = 1 << max(0, -(-max_context // want_partitions) - 1).bit_length()  # next power of two
+    return min(max(size, 256), 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _default_num_stages(device: torch.device) -> int:
+    """3 on Hopper (measured best there); 2 elsewhere: 3 stages of 128-token FP8 K and V tiles take 96 KiB
+    of shared memory, at the limit of an sm_89 block."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return 3
+    return 2
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Scratch allocation (partials); a function of its own so that tests can poison it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_partition_kernel(
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+        qk_scale, v_scale,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_bt,
+        stride_ob, stride_oh,
+        num_heads, num_partitions,
+        GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+        KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One (sequence, KV head, partition): online softmax over the partition's pages.
+        qk_scale = softmax scale * k_scale * log2(e)."""
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        part = tl.program_id(2)
+
+        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+        start = part * PARTITION_SIZE
+        if not SINGLE_PARTITION:
+            if start >= ctx:  # nothing of this sequence here: kernel 2 reads only partitions with tokens
+                return
+        end = tl.minimum(start + PARTITION_SIZE, ctx)
+
+        offs_g = tl.arange(0, GROUPS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, TILE_N)
+        head_ok = offs_g < GROUPS
+        heads = kv_head * GROUPS + offs_g  # the query heads sharing this KV head
+
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=head_ok[:, None], other=0.0)  # [GROUPS_PAD, D]
+
+        m_i = tl.full([GROUPS_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUPS_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUPS_PAD, HEAD_DIM], dtype=tl.float32)
+
+        table = block_tables_ptr + seq * stride_bt
+        for tile_start in range(start, end, TILE_N):
+            tok = tile_start + offs_n  # context positions of this tile
+            tok_ok = tok < end  # the last tile may run past the context (or the partition)
+            page = tl.load(table + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)  # page of each token
+            slot = tok % BLOCK_SIZE
+            k_offs = (page * stride_kb + slot * stride_kt)[:, None] + kv_head * stride_kh + offs_d[None, :]
+            v_offs = (page * stride_vb + slot * stride_vt)[:, None] + kv_head * stride_vh + offs_d[None, :]
+            k = tl.load(k_ptr + k_offs, mask=tok_ok[:, None], other=0)  # [TILE_N, D]
+            v = tl.load(v_ptr + v_offs, mask=tok_ok[:, None], other=0)
+            if KV_FP8:  # the caches come as uint8 views: reinterpret the bytes as e4m3fn
+                k = k.to(tl.float8e4nv, bitcast=True)
+                v = v.to(tl.float8e4nv, bitcast=True)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUPS_PAD, TILE_N]
+            s = tl.where(tok_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds >= 1 valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        if SINGLE_PARTITION:
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty context: acc is 0, out is 0 (as the reference)
+            out = acc * (v_scale / l_safe)[:, None]
+            tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        else:
+            row = (seq * num_heads + heads) * num_partitions + part  # partials are [B, H, P(, D)]
+            tl.store(part_m_ptr + row, m_i, mask=head_ok)
+            tl.store(part_l_ptr + row, l_i, mask=head_ok)
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_ok[:, None])
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
+        v_scale,
+        stride_ob, stride_oh,
+        num_heads, num_partitions,
+        HEAD_DIM: tl.constexpr, PARTITION_SIZE: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
+    ):
+        """One (sequence, query head): combine the partials of the partitions that hold tokens."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+        n_parts = tl.cdiv(ctx, PARTITION_SIZE)  # the others were never written
+        base = (seq * num_heads + head) * num_partitions
+
+        offs_p = tl.arange(0, PARTITIONS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        live = offs_p < n_parts
+        m = tl.load(part_m_ptr + base + offs_p, mask=live, other=float("-inf"))
+        l = tl.load(part_l_ptr + base + offs_p, mask=live, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(live, tl.exp2(m - m_max), 0.0)  # where, not a product: dead slots may hold NaN
+        denom = tl.sum(w * l, axis=0)
+
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for p in range(0, n_parts):
+            w_p = tl.exp2(tl.load(part_m_ptr + base + p) - m_max)
+            acc += w_p * tl.load(part_acc_ptr + (base + p) * HEAD_DIM + offs_d)
+
+        denom = tl.where(denom == 0.0, 1.0, denom)  # empty context -> zeros
+        out = acc * (v_scale / denom)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           k_scale: float, v_scale: float, partition_size: int | None = 512, *,
+                           out: torch.Tensor | None = None, tile_tokens: int | None = None,
+                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """Decode attention, one query token per sequence: q [B, H, D] -> [B, H, D] (see the module doc).
+    partition_size: tokens per split-KV partition, a multiple of tile_tokens (None: auto_partition_size);
+    one partition (no reduce kernel) when it covers the block table's width.
+    tile_tokens: context tokens per loop step, a power of two >= 16 (default: 16 KiB of K per step, 128
+    tokens of FP8 at head_dim 128; less where partition_size needs it).
+    num_stages: software-pipelining depth of the loop (default: 3 on Hopper, 2 elsewhere).
+    out: optional [B, H, D] buffer to write into."""
+    if not HAS_TRITON:
+        raise RuntimeError("paged_attention_decode needs triton")
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    assert context_lens.shape == (batch,) and block_tables.shape[0] == batch, "one query token per sequence"
+    assert num_heads % num_kv_heads == 0, "GQA needs H to be a multiple of Hk"
+    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+    assert head_dim in (64, 128) and k_cache.shape[-1] == head_dim, "head_dim 64 or 128 (the tested ones)"
+    assert block_size & (block_size - 1) == 0, "block_size: a power of two"
+    max_context = block_tables.shape[1] * block_size
+    if partition_size is None:
+        partition_size = auto_partition_size(batch, num_kv_heads, max_context, _num_sms(q.device))
+    if tile_tokens is None:
+        tile_tokens = math.gcd(partition_size, TILE_BYTES // (head_dim * k_cache.element_size()))
+    if num_stages is None:
+        num_stages = _default_num_stages(q.device)
+    assert tile_tokens >= 16 and tile_tokens & (tile_tokens - 1) == 0, "tile_tokens: a power of two >= 16"
+    assert partition_size % tile_tokens == 0, "a partition is a whole number of tiles"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    else:  # unquantized caches hold the values themselves: the reference ignores the scales
+        assert k_cache.dtype == q.dtype, "an unquantized cache is kept in the compute dtype"
+        k_scale = v_scale = 1.0
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+
+    groups = num_heads // num_kv_heads
+    num_partitions = max(1, triton.cdiv(max_context, partition_size))
+    single = num_partitions == 1
+    if single:  # the kernel does not touch the partials: pass any fp32 tensor
+        part_m = part_l = part_acc = out.new_empty(1, dtype=torch.float32)
+    else:
+        part_m = _alloc((batch, num_heads, num_partitions), torch.float32, q.device)
+        part_l = _alloc((batch, num_heads, num_partitions), torch.float32, q.device)
+        part_acc = _alloc((batch, num_heads, num_partitions, head_dim), torch.float32, q.device)
+
+    _decode_partition_kernel[(batch, num_kv_heads, num_partitions)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_m, part_l, part_acc,
+        float(scale) * float(k_scale) * _LOG2E, float(v_scale),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_heads, num_partitions,
+        GROUPS=groups, GROUPS_PAD=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
+        KV_FP8=kv_fp8, SINGLE_PARTITION=single,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: unused by 16-bit dots
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _decode_reduce_kernel[(batch, num_heads)](
+            out, part_m, part_l, part_acc, context_lens,
+            float(v_scale),
+            out.stride(0), out.stride(1),
+            num_heads, num_partitions,
+            HEAD_DIM=head_dim, PARTITION_SIZE=partition_size,
+            PARTITIONS_PAD=triton.next_power_of_2(num_partitions),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale: float,
+                    v_scale: float, *, partition_size: int | None = None) -> torch.Tensor:
+    """`reference.paged_attention`'s signature and result. An all-decode batch on CUDA runs the Triton
+    kernel; anything else (prefill, mixed batches, the CPU) runs the reference for now.
+
+    All-decode is read from the shapes alone (T == B: no device-to-host sync, CUDA-graph friendly),
+    which holds because every scheduled sequence has at least one new token, so T == B means one each."""
+    if HAS_TRITON and q.is_cuda and q.shape[0] == context_lens.shape[0]:
+        return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                      partition_size=partition_size)
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                     k_scale, v_scale)
