@@ -36,6 +36,10 @@ if triton is not None:
         j = offs_n % 8
         shifts = ((j % 2) * 4 + j // 2) * 4  # nibble of logical column j, in bits
         packed_n = offs_n // 8
+        # The packed tile is loaded densely ([BLOCK_K, BLOCK_N / 8], coalesced) and widened by repeating
+        # each int32 eight times along N (three interleaves), instead of gathering it 8 times over.
+        offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        mask_pn = offs_pn < tl.cdiv(N, 8)
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -44,8 +48,11 @@ if triton is not None:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + packed_n[None, :],
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)
+            qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
+                         mask=mask_k[:, None] & mask_pn[None, :], other=0)
+            qw = tl.interleave(qw, qw)
+            qw = tl.interleave(qw, qw)
+            qw = tl.interleave(qw, qw)
             q = (qw >> shifts[None, :]) & 0xF
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per K tile
             qz = tl.load(qz_ptr + g * stride_qz + packed_n, mask=mask_n, other=0)
@@ -61,7 +68,8 @@ if triton is not None:
             tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
-DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
+# Best of five configs timed on the H100 (docs/KERNEL_NOTES.md); build-time tuning replaces it per shape.
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
