@@ -201,3 +201,41 @@ def test_probe_cli_writes_json(server, tmp_path):
     assert all(r["output_tokens"] == 8 and r["input_tokens"] == 20 for r in data["records"])
     assert all(r["ttft_s"] <= r["e2e_s"] and len(r["itl_s"]) == 7 for r in data["records"])
     assert "TTFT" in result.output or "ttft" in result.output.lower()
+
+
+def test_qwentrt_serve_starts_answers_and_stops_on_ctrl_c(tiny_engine, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    grpc_port = free_port()
+    cmd = [sys.executable, "-m", "qwentrt.cli", "serve", str(tiny_engine), "--repo", str(tmp_path / "repo"),
+           "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 180
+        while "ready:" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        assert f"127.0.0.1:{grpc_port}" in line
+        srv = type("S", (), {"grpc_url": f"127.0.0.1:{grpc_port}"})()
+        responses, err = run(srv, request("hello", 4, False))
+        assert err is None and responses
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, errs = proc.communicate(timeout=90)
+    assert proc.returncode == 0, errs
+    assert "stopping tritonserver" in errs
+    assert (tmp_path / "repo" / "qwen3" / "config.pbtxt").is_file() and (tmp_path / "tritonserver.log").is_file()
+
+
+def test_repo_and_serve_refuse_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from qwentrt.cli import main
+    result = CliRunner().invoke(main, ["repo", str(tmp_path / "missing"), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no engine.json" in result.output
+    result = CliRunner().invoke(main, ["serve", "--repo", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a qwentrt model repository" in result.output
