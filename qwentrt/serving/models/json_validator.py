@@ -8,6 +8,7 @@ import sys
 
 
 def _use_qwentrt_environment():
+    # The same bootstrap as qwen3.py, repeated on purpose: it must run before qwentrt is importable.
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "qwentrt_env.json"), encoding="utf-8") as f:
         paths = json.load(f)["sys_path"]
