@@ -1,4 +1,5 @@
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,20 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny_engine(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny-awq"
     build(tiny_ckpt, out, FAST, progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny-bf16"
+    build(tiny_ckpt, out, replace(FAST, weights="bf16", kv_cache="bf16"), progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_fp8kv_engine(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny-bf16-fp8kv"
+    build(tiny_ckpt, out, replace(FAST, weights="bf16"), progress=False, log=lambda *_: None)
     return out
 
 

@@ -121,7 +121,7 @@ def _result(final: bool, **outputs) -> InferResult:
     resp = service_pb2.ModelInferResponse(id="r")
     for name, (value, dt) in outputs.items():
         arr = np.array([[value]], dtype=object if dt == "BYTES" else {"INT32": np.int32, "FP32": np.float32}[dt])
-        out = resp.outputs.add(name=name, datatype=dt, shape=list(arr.shape))
+        resp.outputs.add(name=name, datatype=dt, shape=list(arr.shape))
         resp.raw_output_contents.append(serialize_byte_tensor(arr).item() if dt == "BYTES" else arr.tobytes())
     resp.parameters["triton_final_response"].bool_param = final
     return InferResult(resp)

@@ -12,7 +12,6 @@ from qwentrt.engine.async_engine import AsyncEngine
 from qwentrt.engine.engine import LLMEngine, RequestError
 
 from .conftest import DEVICE
-from .test_model import bf16_engine  # noqa: F401  (session fixture)
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 

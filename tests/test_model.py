@@ -1,37 +1,18 @@
 """The paged-KV model against HF transformers' Qwen3ForCausalLM on the same weights (tiny, CPU, float32):
 teacher-forced logits, prefill chunked and unchunked, prompts longer than a KV page."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from qwentrt.config import EngineConfig
-from qwentrt.engine.build import build
 from qwentrt.engine.engine import LLMEngine
 from qwentrt.engine.scheduler import ScheduledSeq
 from qwentrt.engine.sequence import Sequence
 from qwentrt.config import SamplingParams
 from qwentrt.quant.pack import dequantize_awq
 
-from .conftest import DEVICE, FAST
-
-QUIET = dict(progress=False, log=lambda *_: None)
-
-
-@pytest.fixture(scope="session")
-def bf16_engine(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny-bf16"
-    build(tiny_ckpt, out, replace(FAST, weights="bf16", kv_cache="bf16"), **QUIET)
-    return out
-
-
-@pytest.fixture(scope="session")
-def bf16_fp8kv_engine(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny-bf16-fp8kv"
-    build(tiny_ckpt, out, replace(FAST, weights="bf16"), **QUIET)
-    return out
+from .conftest import DEVICE
 
 
 def teacher_forced_logits(engine_dir, ids: list[int], chunk: int) -> torch.Tensor:

@@ -184,7 +184,7 @@ def build(checkpoint: str | Path, out: str | Path, options: BuildConfig = BuildC
                 f"--max-seq-len {options.max_seq_len} (weights {weight_bytes / GiB:.2f} GiB, activations "
                 f"{mem.activations / GiB:.2f} GiB): raise --gpu-memory, or lower --max-seq-len / --max-num-tokens")
         k_scales, v_scales = observer.scales() if options.kv_cache == "fp8-e4m3" else ([], [])
-        kernels = default_kernel_configs(target.compute_capability, options.max_batch_size)
+        kernels = default_kernel_configs(target.compute_capability)
         wall = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         engine = EngineConfig(

@@ -18,7 +18,7 @@ from qwentrt.engine.detokenizer import IncrementalDetokenizer
 from qwentrt.engine.model_runner import ModelRunner
 from qwentrt.engine.sampler import Sampler
 from qwentrt.engine.scheduler import Scheduler
-from qwentrt.engine.sequence import Sequence, Status
+from qwentrt.engine.sequence import Sequence
 from qwentrt.engine.target import check_runs_on
 from qwentrt.errors import ConfigError
 

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from qwentrt.engine.kernels import paged_attention as _paged_attention
-from qwentrt.engine.kernels import reference
-from qwentrt.engine.kernels.reference import (  # noqa: F401  (no fast version yet)
+from qwentrt.engine.kernels.reference import (  # noqa: F401  (re-exported: no fast version yet)
     fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul, write_kv)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 

@@ -69,72 +69,6 @@ if triton is not None:
 
 
 # Best of five configs timed on the H100 (docs/KERNEL_NOTES.md); build-time tuning replaces it per shape.
-if triton is not None:
-
-    @triton.jit
-    def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K,
-                           stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
-                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_K: tl.constexpr):
-        """Few tokens: no tensor-core tile (a 16-row MMA wastes 15/16 of itself at one token); each
-        program dequantizes a [BLOCK_K, BLOCK_N] weight tile once and reduces it against every token."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = offs_n % 8
-        shifts = ((j % 2) * 4 + j // 2) * 4
-        offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        mask_n = offs_n < N
-        mask_pn = offs_pn < tl.cdiv(N, 8)
-        for m in range(M):
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
-                             mask=mask_k[:, None] & mask_pn[None, :], other=0)
-                qw = tl.interleave(qw, qw)
-                qw = tl.interleave(qw, qw)
-                qw = tl.interleave(qw, qw)
-                q = (qw >> shifts[None, :]) & 0xF
-                g = k0 // GROUP
-                z = (tl.load(qz_ptr + g * stride_qz + offs_pn, mask=mask_pn, other=0))
-                z = tl.interleave(z, z)
-                z = tl.interleave(z, z)
-                z = tl.interleave(z, z)
-                z = (z >> shifts) & 0xF
-                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                acc += tl.sum(x[:, None] * (q - z[None, :]).to(tl.float32), axis=0) * s
-            y_ptrs = y_ptr + m * stride_ym + offs_n
-            if SPLIT_K == 1:
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-            else:
-                tl.atomic_add(y_ptrs, acc, mask=mask_n)
-
-
-GEMV_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3, "max_tokens": 0}
-
-
-def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] with M small -> [M, N]: the tensor-core-free kernel."""
-    cfg = dict(GEMV_CONFIG, **(config or {}))
-    m, k = x.shape
-    n = scales.shape[1]
-    if group_size % cfg["BLOCK_K"]:
-        cfg["BLOCK_K"] = group_size
-    x = x.contiguous()
-    split = cfg["SPLIT_K"]
-    out = torch.zeros((m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, x.stride(0), qweight.stride(0),
-                             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
-                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out.to(x.dtype) if split > 1 else out
-
-
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
 
 
@@ -168,8 +102,4 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     configs = configs or {}
     if x.device.type != "cuda" or triton is None or x.shape[0] >= configs.get("w4a16_prefill_min_tokens", 64):
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
-    decode = configs.get("w4a16_decode", {}).get("default")
-    gemv = configs.get("w4a16_gemv", {}).get("default", GEMV_CONFIG)
-    if x.shape[0] <= gemv.get("max_tokens", 0):
-        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv)
-    return w4a16_gemm(x, qweight, qzeros, scales, group_size, decode)
+    return w4a16_gemm(x, qweight, qzeros, scales, group_size, configs.get("w4a16_decode", {}).get("default"))
