@@ -4,13 +4,16 @@ kernel configs (tuned at build time, or the target's defaults)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
+from qwentrt.engine.kernels import kv_write as _kv_write
 from qwentrt.engine.kernels import paged_attention as _paged_attention
+from qwentrt.engine.kernels import reference
 from qwentrt.engine.kernels.reference import (  # noqa: F401  (re-exported: no fast version yet)
-    fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul, write_kv)
+    fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 
 _configs: dict[str, Any] = {}
@@ -19,6 +22,20 @@ _configs: dict[str, Any] = {}
 def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.clear()
     _configs.update(kernel_configs or {})
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8(device: torch.device) -> bool:
+    """FP8 e4m3 conversions in Triton need sm_89 or newer."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Store k, v into the paged caches at slot_mapping (-1: skip): the Triton kernel on CUDA."""
+    if _kv_write.HAS_TRITON and k.is_cuda and (k_cache.dtype != torch.float8_e4m3fn or _has_fp8(k.device)):
+        return _kv_write.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return reference.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
