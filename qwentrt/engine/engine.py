@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, num_blocks: int | None = None, max_num_tokens: int | None = None,
                  max_batch_size: int | None = None, max_prefill_chunk: int | None = None,
-                 allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True):
+                 allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True, cuda_graphs: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.config = EngineConfig.load(self.engine_dir)
         cfg = self.config
@@ -66,6 +67,10 @@ class LLMEngine:
         if self.runner.num_blocks == 0:
             raise ConfigError(f"no KV pages fit in the memory free on {self.device}: free GPU memory, or rebuild "
                               "with a smaller --max-num-tokens / --max-batch-size")
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("QWENTRT_CUDA_GRAPHS", "1") != "0"
+        if self.device.type == "cuda" and cuda_graphs:
+            self.runner.capture_cuda_graphs(self.max_batch_size)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         from tokenizers import Tokenizer
@@ -178,8 +183,7 @@ class LLMEngine:
         if not batch:
             return []
         try:
-            logits = self.runner.run(batch, self.block_manager)
-            sampling = [item.seq for item in batch if item.samples]
+            logits, sampling = self.runner.run(batch, self.block_manager)
             tokens, logprobs = self.sampler(logits, sampling)
         except Exception as e:  # a fault in the step fails its requests, not the engine
             outputs = []

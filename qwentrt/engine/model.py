@@ -5,7 +5,7 @@ their K/V go. Kernels come from qwentrt.engine.kernels (torch references on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,10 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] token offsets of each sequence in the flat batch
     context_lens: torch.Tensor  # [B] tokens of context (cached + this step's) per sequence
     logits_indices: torch.Tensor  # [n] which rows of the output need logits (a sequence's last token)
+    # Host-side layout (no device reads): the first num_decodes sequences have one query token each;
+    # prefill_spans = (row, first token, end token, context length) of every other sequence.
+    num_decodes: int = 0
+    prefill_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class Linear(nn.Module):
@@ -87,8 +91,7 @@ class DecoderLayer(nn.Module):
                                 meta.positions, cos_sin)
         v = v.view(t, c.num_key_value_heads, c.head_dim)
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
-        attn = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
-                                   self.scale, k_scale, v_scale)
+        attn = ops.attention(q, k_cache, v_cache, meta, self.scale, k_scale, v_scale)
         hidden = self.o_proj(attn.reshape(t, c.q_size))
         x, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual

@@ -9,8 +9,10 @@ import torch
 
 from qwentrt.config import EngineConfig
 from qwentrt.engine.block_manager import BlockManager
+from qwentrt.engine.cuda_graphs import DecodeGraphs, pad_tables
 from qwentrt.engine.model import AttentionMetadata, load_model
 from qwentrt.engine.scheduler import ScheduledSeq
+from qwentrt.engine.sequence import Sequence
 
 KV_DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 
@@ -33,6 +35,8 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
                            torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
+        self.max_pages = -(-engine.limits.max_seq_len // self.block_size)
+        self.graphs: DecodeGraphs | None = None  # capture_cuda_graphs() on CUDA
 
     def _fit_blocks(self, planned: int, kv_dtype: torch.dtype) -> int:
         """The plan is for the engine's budget; never take more than this GPU has free now, keeping room
@@ -44,37 +48,64 @@ class ModelRunner:
         block_bytes = 2 * cfg.num_hidden_layers * self.block_size * cfg.kv_size * torch.finfo(kv_dtype).bits // 8
         return max(0, min(planned, (free - reserve) // block_bytes))
 
-    def prepare(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, AttentionMetadata]:
-        input_ids, positions, slots, cu, ctx, tables, logits_idx = [], [], [], [0], [], [], []
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, self.max_pages, self.device)
+        self.graphs.capture()
+
+    @staticmethod
+    def order(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """Decodes (one new token) first, as AttentionMetadata lays a batch out; stable otherwise."""
+        return sorted(batch, key=lambda item: item.num_tokens > 1)
+
+    def _host_inputs(self, batch: list[ScheduledSeq], bm: BlockManager):
+        input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
         bs = self.block_size
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             table = bm.block_table(seq.seq_id)
             input_ids.extend(seq.token_ids[start:start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             cu.append(cu[-1] + n)
             ctx.append(start + n)
             tables.append(table)
-            if item.samples:
-                logits_idx.append(cu[-1] - 1)
-        width = max(len(t) for t in tables)
+        return input_ids, positions, slots, cu, ctx, tables
+
+    def prepare(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The flat token batch and its metadata; batch must be in `order`."""
+        input_ids, positions, slots, cu, ctx, tables = self._host_inputs(batch, bm)
+        num_decodes = sum(1 for item in batch if item.num_tokens == 1)
+        spans = [(b, cu[b], cu[b + 1], ctx[b]) for b in range(num_decodes, len(batch))]
+        logits_idx = [cu[b + 1] - 1 for b, item in enumerate(batch) if item.samples]
         dev = self.device
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        meta = AttentionMetadata(
-            positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            cu_seqlens_q=as_tensor(cu), context_lens=as_tensor(ctx), logits_indices=as_tensor(logits_idx))
-        return as_tensor(input_ids), meta
+        flat = torch.tensor(input_ids + positions + slots + cu + ctx + logits_idx, dtype=torch.long).to(
+            dev, non_blocking=True)
+        t, b = len(input_ids), len(batch)
+        ids, pos, slot, cu_t, ctx_t, logits_t = flat.split([t, t, t, b + 1, b, len(logits_idx)])
+        meta = AttentionMetadata(positions=pos, slot_mapping=slot,
+                                 block_tables=torch.from_numpy(pad_tables(tables)).to(dev, non_blocking=True),
+                                 cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t,
+                                 num_decodes=num_decodes, prefill_spans=spans)
+        return ids, meta
 
     @torch.no_grad()
-    def run(self, batch: list[ScheduledSeq], bm: BlockManager) -> torch.Tensor:
-        """Logits [n_sampling, V] float32 for the sequences whose step reaches their last token."""
+    def run(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
+        """-> (logits [n, V] float32, the n sequences they belong to: those whose step reaches their last
+        token, in the order the batch ran)."""
+        batch = self.order(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        if self.graphs is not None and batch[-1].num_tokens == 1:
+            input_ids, positions, slots, _, ctx, tables = self._host_inputs(batch, bm)
+            if self.graphs.can_run(len(batch), max(len(t) for t in tables)):
+                logits = self.graphs.run(input_ids, positions, slots, ctx, tables)
+                if len(sampling) < len(batch):
+                    rows = [i for i, item in enumerate(batch) if item.samples]
+                    logits = logits[torch.tensor(rows, device=self.device)]
+                return logits, sampling
         input_ids, meta = self.prepare(batch, bm)
         hidden = self.model(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), sampling
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         for src, dst in pairs:

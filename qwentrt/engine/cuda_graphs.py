@@ -1,0 +1,106 @@
+"""CUDA graphs for pure-decode steps (every sequence of the batch has one new token).
+
+A decode step launches a few hundred small kernels; launched one by one from Python, the launch gaps
+dominate a small batch's step. So the decode forward (model + lm_head) is captured once per batch size
+in GRAPH_BATCH_SIZES up to the engine's max_batch_size, over static input buffers, and replayed: a
+batch of n runs the graph of the smallest captured size >= n, the padding rows having slot -1 (their
+K/V are not written) and context length 0 (their attention is zeros).
+
+Everything inside a captured forward must read device values on the device only (no host syncs, no
+data-dependent shapes): the kernels in qwentrt/engine/kernels are written that way, and the block table
+is kept at its full width (max_seq_len / block_size pages) so its shape never changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qwentrt.engine.model import AttentionMetadata, Qwen3Model
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
+    return sorted(set(sizes + [max_batch_size]))
+
+
+class DecodeGraphs:
+    def __init__(self, model: Qwen3Model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch_size: int,
+                 max_pages: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = graph_batch_sizes(max_batch_size)
+        self.max_batch_size = n = self.sizes[-1]
+        self.max_pages = max_pages
+        # Rows: input_ids, positions, slot_mapping, context_lens. Host staging buffers are pinned so that
+        # the copies are asynchronous; they are refilled only after the previous step's results were read.
+        self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((n, max_pages), dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.long, device=device)
+        self.logits_indices = torch.arange(n, dtype=torch.long, device=device)
+        self._inputs_host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
+        self._tables_host = torch.zeros((n, max_pages), dtype=torch.int32, pin_memory=True)
+        self._inputs_np = self._inputs_host.numpy()
+        self._tables_np = self._tables_host.numpy()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(positions=self.inputs[1, :bs], slot_mapping=self.inputs[2, :bs],
+                                 block_tables=self.block_tables[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
+                                 context_lens=self.inputs[3, :bs], logits_indices=self.logits_indices[:bs],
+                                 num_decodes=bs)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.inputs[0, :bs], self._metadata(bs), self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture every batch size, largest first, sharing one memory pool. The inputs are padding (no
+        K/V written, zero attention), so capturing leaves the cache untouched."""
+        self.inputs.zero_()
+        self.inputs[2].fill_(-1)
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # warm-up: compiles the Triton kernels, sizes the allocations
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, num_seqs: int, max_pages: int) -> bool:
+        return 0 < num_seqs <= self.max_batch_size and max_pages <= self.max_pages
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Replay the decode forward for n sequences; -> logits [n, V] float32 (a view of the graph's output,
+        valid until the next replay)."""
+        n = len(input_ids)
+        bs = next(s for s in self.sizes if s >= n)
+        host = self._inputs_np
+        host[0, :n] = input_ids
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[3, :n] = context_lens
+        host[:, n:bs] = 0
+        host[2, n:bs] = -1
+        width = max(len(t) for t in tables)
+        bt = self._tables_np
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t
+        self.inputs[:, :bs].copy_(self._inputs_host[:, :bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._tables_host[:n, :width], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
+
+
+def pad_tables(tables: list[list[int]]) -> np.ndarray:
+    width = max(len(t) for t in tables)
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out
