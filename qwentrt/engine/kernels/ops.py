@@ -11,6 +11,7 @@ import torch
 
 from qwentrt.engine.kernels import kv_write as _kv_write
 from qwentrt.engine.kernels import paged_attention as _paged_attention
+from qwentrt.engine.kernels.prefill_attention import prefill_attention as _prefill_attention
 from qwentrt.engine.kernels import reference
 from qwentrt.engine.kernels.reference import (  # noqa: F401  (re-exported: no fast version yet)
     fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul)
@@ -47,3 +48,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
     """All-decode batches on CUDA: the split-KV Triton kernel; otherwise the reference."""
     return _paged_attention.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
                                             k_scale, v_scale)
+
+
+def attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale):
+    """Attention of a mixed batch laid out decodes first (AttentionMetadata): the first meta.num_decodes
+    sequences have one query token each (the split-KV decode kernel on CUDA), the rest (meta.prefill_spans)
+    run prefill/extend attention over their pages."""
+    d = meta.num_decodes
+    if not meta.prefill_spans:
+        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
+                               k_scale, v_scale)
+    out = torch.empty_like(q)
+    if d:
+        out[:d] = paged_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.cu_seqlens_q[:d + 1],
+                                  meta.context_lens[:d], scale, k_scale, v_scale)
+    _prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.prefill_spans, scale, k_scale, v_scale, out)
+    return out
