@@ -329,5 +329,85 @@ def perf_analyzer_cmd(url: str, concurrency: str, prompt_len: int, output_len: i
     click.echo(f"CSVs and logs in {out_dir}")
 
 
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--isl", multiple=True, default=("1000",), show_default=True,
+              help="Prompt lengths in tokens (repeatable or comma list; with --osl they form the grid).")
+@click.option("--osl", multiple=True, default=("1000",), show_default=True,
+              help="Output lengths in tokens, forced (ignore_eos). Equal-length lists pair up, else all combinations.")
+@click.option("-c", "--concurrency", multiple=True, default=("1,16,64,256",), show_default=True,
+              help="Requests kept in flight (repeatable or comma list).")
+@click.option("-n", "--num-requests", type=int, default=None,
+              help="Measured requests per point [max(2 x concurrency, 8)].")
+@click.option("--duration", "duration_s", type=float, default=None,
+              help="Seconds per point to keep issuing requests (instead of --num-requests); in-flight ones finish.")
+@click.option("--point-timeout", "point_timeout_s", type=float, default=900, show_default=True,
+              help="Seconds after which a point's unfinished requests are aborted (recorded as such).")
+@click.option("--mode", type=click.Choice(["engine", "served", "both"]), default="both", show_default=True,
+              help="engine: LLMEngine in this process; served: tritonserver + gRPC client; both: one then the other.")
+@click.option("--warmup", type=int, default=1, show_default=True,
+              help="Warmup rounds per point (concurrency-many requests of the point's ISL, 8 output tokens).")
+@click.option("--peer", type=click.Choice(["hf"]), default=None,
+              help="Also run HF transformers generate (bf16, eager) on the same weights, and report the ratios.")
+@click.option("--peer-checkpoint", default=None,
+              help="The peer's checkpoint [the one engine.json records as the engine's source].")
+@click.option("--peer-max-batch", type=int, default=64, show_default=True,
+              help="The peer's batch is the concurrency capped by this.")
+@click.option("--peer-batches", type=int, default=1, show_default=True, help="Timed peer batches per point.")
+@click.option("--price-per-gpu-hour", type=float, default=20.0, show_default=True,
+              help="Yuan per GPU-hour for the cost per million output tokens (an assumed rental price).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [build/bench/ENGINE-NAME-TIMESTAMP].")
+@click.option("--perf-analyzer", "use_perf_analyzer", is_flag=True,
+              help="Also run perf_analyzer's sweep against the served engine (when perf_analyzer is on PATH).")
+@click.option("--perf-analyzer-ms", type=int, default=20000, show_default=True, help="Its measurement window.")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu [cuda when there is one].")
+@click.option("--allow-gpu-mismatch", is_flag=True, help="Run an engine built for another compute capability.")
+@click.option("--server-timeout", "server_timeout_s", type=float, default=600, show_default=True,
+              help="Seconds to wait for tritonserver's models to be ready.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the synthetic prompts.")
+@click.option("--quick", is_flag=True,
+              help="A smoke test: ISL 16, OSL 8, concurrency 1,4 (unless given), for CI and a first look.")
+@click.pass_context
+def bench(ctx: click.Context, engine_dir: Path, isl: tuple[str, ...], osl: tuple[str, ...],
+          concurrency: tuple[str, ...], num_requests: int | None, duration_s: float | None, point_timeout_s: float,
+          mode: str, warmup: int, peer: str | None, peer_checkpoint: str | None, peer_max_batch: int,
+          peer_batches: int, price_per_gpu_hour: float, out: Path | None, use_perf_analyzer: bool,
+          perf_analyzer_ms: int, device: str | None, allow_gpu_mismatch: bool, server_timeout_s: float, seed: int,
+          quick: bool) -> None:
+    """Measure ENGINE_DIR over an ISL/OSL x concurrency grid: TTFT, ITL, end-to-end latency, tokens/s,
+    GPU memory, power, J/token and cost, engine-direct and served, optionally against the HF peer.
+    Writes results.json, report.md and PNG plots to --out; prints the table."""
+    from click.core import ParameterSource
+
+    from qwentrt.bench.grid import QUICK, BenchConfig, pair_lengths, parse_ints
+    from qwentrt.bench.report import table
+    from qwentrt.bench.run import run_bench
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+    try:
+        isls = parse_ints(isl, "--isl") if not (quick and not given("isl")) else QUICK["isl"]
+        osls = parse_ints(osl, "--osl") if not (quick and not given("osl")) else QUICK["osl"]
+        levels = (parse_ints(concurrency, "--concurrency") if not (quick and not given("concurrency"))
+                  else QUICK["concurrency"])
+        cfg = BenchConfig(engine_dir=engine_dir, lengths=pair_lengths(isls, osls), concurrency=levels,
+                          num_requests=num_requests, duration_s=duration_s, point_timeout_s=point_timeout_s,
+                          mode=mode, warmup=warmup, peer=peer, peer_checkpoint=peer_checkpoint,
+                          peer_max_batch=peer_max_batch, peer_batches=peer_batches,
+                          price_per_gpu_hour=price_per_gpu_hour, out=out, perf_analyzer=use_perf_analyzer,
+                          perf_analyzer_ms=perf_analyzer_ms, device=device, server_timeout_s=server_timeout_s,
+                          seed=seed, command=["qwentrt", *sys.argv[1:]])
+        doc, files = run_bench(cfg, log=lambda m: click.echo(m, err=True), allow_gpu_mismatch=allow_gpu_mismatch)
+    except QwentrtError as e:
+        _fail(e)
+    click.echo(table(doc["points"], doc["comparisons"]))
+    click.echo(f"\n{files['markdown']}  {files['json']}", err=True)
+    if doc["points"] and all(r["status"] == "error" for r in doc["points"]):
+        click.echo("every point failed: see the notes in report.md", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
