@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from qwentrt.engine.kernels import activation as _activation
 from qwentrt.engine.kernels import kv_write as _kv_write
+from qwentrt.engine.kernels import norm as _norm
 from qwentrt.engine.kernels import paged_attention as _paged_attention
 from qwentrt.engine.kernels.prefill_attention import prefill_attention as _prefill_attention
 from qwentrt.engine.kernels import reference
-from qwentrt.engine.kernels.reference import (  # noqa: F401  (re-exported: no fast version yet)
-    fused_add_rms_norm, qk_norm_rope, rms_norm, rope_cos_sin_cache, silu_and_mul)
+from qwentrt.engine.kernels import rope as _rope
+from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (re-exported: built once, at load)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 
 _configs: dict[str, Any] = {}
@@ -37,6 +39,33 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if _kv_write.HAS_TRITON and k.is_cuda and (k_cache.dtype != torch.float8_e4m3fn or _has_fp8(k.device)):
         return _kv_write.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return reference.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _norm.HAS_TRITON and x.is_cuda and x.shape[-1] <= _norm.MAX_COLS:
+        return _norm.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x); the inputs are not modified."""
+    if _norm.HAS_TRITON and x.is_cuda and x.shape[-1] <= _norm.MAX_COLS:
+        return _norm.fused_add_rms_norm(x, residual, weight, eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _rope.HAS_TRITON and q.is_cuda:
+        return _rope.qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
+    return reference.qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _activation.HAS_TRITON and x.is_cuda:
+        return _activation.silu_and_mul(x)
+    return reference.silu_and_mul(x)
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
