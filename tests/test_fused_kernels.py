@@ -28,10 +28,24 @@ FP8 = torch.float8_e4m3fn
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """norm(out - ref) / norm(ref); inf where out has a NaN (an unwritten, poisoned element)."""
     out, ref = out.double(), ref.double()
     if torch.isnan(out).any():
         return float("inf")
     return float((out - ref).norm() / ref.norm())
+
+
+def worst_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|: catches a few wrong elements (one head of one token) that the norm hides."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def errors(pairs) -> tuple[float, float]:
+    """(max rel_err, max worst_err) over (out, ref) pairs."""
+    return max(rel_err(o, r) for o, r in pairs), max(worst_err(o, r) for o, r in pairs)
 
 
 def random_slots(num_tokens: int, num_blocks: int, block_size: int, pad_every: int = 3) -> torch.Tensor:
@@ -108,10 +122,10 @@ def norm_case(t, n, dtype, device="cpu", with_residual=True, eps=1e-6):
         out, res = norm.fused_add_rms_norm(x, residual, w, eps)
         plain = norm.rms_norm(x, w, eps)
     ref_out, ref_res = reference.fused_add_rms_norm(x.clone(), None if r0 is None else r0.clone(), w, eps)
-    err = max(rel_err(out, ref_out), rel_err(plain, reference.rms_norm(x, w, eps)))
+    rel, worst = errors([(out, ref_out), (plain, reference.rms_norm(x, w, eps))])
     ok = (out.dtype == ref_out.dtype and out.shape == ref_out.shape and res.dtype == ref_res.dtype
           and torch.equal(res, ref_res) and torch.equal(x, x0) and (r0 is None or torch.equal(residual, r0)))
-    return err, ok
+    return rel, worst, ok
 
 
 def qkv_views(t, heads, kv_heads, head_dim, dtype, device):
@@ -134,7 +148,7 @@ def rope_case(t, heads, kv_heads, head_dim, dtype, device="cpu", max_pos=4096, e
         q_out, k_out = rope.qk_norm_rope(q, k, qw, kw, eps, positions, cos_sin)
     q_ref, k_ref = reference.qk_norm_rope(q, k, qw, kw, eps, positions, cos_sin)
     ok = all(a.dtype == b.dtype and a.shape == b.shape for a, b in ((q_out, q_ref), (k_out, k_ref)))
-    return max(rel_err(q_out, q_ref), rel_err(k_out, k_ref)), ok
+    return (*errors([(q_out, q_ref), (k_out, k_ref)]), ok)
 
 
 def silu_case(t, inter, dtype, device="cpu"):
@@ -145,11 +159,11 @@ def silu_case(t, inter, dtype, device="cpu"):
     with poisoned_empty():
         out = activation.silu_and_mul(x)
     ref = reference.silu_and_mul(x)
-    return rel_err(out, ref), out.dtype == ref.dtype and out.shape == ref.shape
+    return (*errors([(out, ref)]), out.dtype == ref.dtype and out.shape == ref.shape)
 
 
-def interpreted_cases() -> list[tuple[str, float, bool]]:
-    """Every kernel at small sizes: (case name, relative error, exact-where-required flag)."""
+def interpreted_cases() -> list[tuple[str, float, float, bool]]:
+    """Every kernel at small sizes: (case name, rel_err, worst_err, the case's flag: see FLAG_MEANS)."""
     rows = []
     for dtype, cache_dtype in [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                (torch.bfloat16, torch.bfloat16)]:
@@ -157,7 +171,7 @@ def interpreted_cases() -> list[tuple[str, float, bool]]:
             err, untouched, caches, refs = write_kv_case(t, hk, d, num_blocks=5, block_size=4, dtype=dtype,
                                                          cache_dtype=cache_dtype, scales=(0.7, 1.3))
             exact = untouched and all(torch.equal(c, r) for c, r in zip(caches, refs))
-            rows.append((f"write_kv {dtype} -> {cache_dtype} T={t} Hk={hk} D={d}", err, exact))
+            rows.append((f"write_kv {dtype} -> {cache_dtype} T={t} Hk={hk} D={d}", err, err, exact))
     for dtype in (torch.float32, torch.float16):
         for t, n in [(1, 64), (5, 96)]:
             for with_residual in (True, False):
@@ -176,8 +190,8 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     torch.manual_seed(seed)
     print("SEED", seed)
     from tests.test_fused_kernels import interpreted_cases
-    for name, err, flag in interpreted_cases():
-        print(f"CASE|{name}|{err:.3e}|{int(flag)}")
+    for name, rel, worst, flag in interpreted_cases():
+        print(f"CASE|{name}|{rel:.3e}|{worst:.3e}|{int(flag)}")
 """)
 
 
@@ -192,8 +206,8 @@ def interpreted():
     cases = {}
     for line in proc.stdout.splitlines():
         if line.startswith("CASE|"):
-            _, name, err, flag = line.split("|")
-            cases[name] = (float(err), flag == "1")
+            _, name, rel, worst, flag = line.split("|")
+            cases[name] = (float(rel), float(worst), flag == "1")
     return seed, cases
 
 
@@ -210,15 +224,20 @@ def test_kernels_match_reference_in_the_interpreter(interpreted, kernel):
     seed, cases = interpreted
     mine = {name: v for name, v in cases.items() if name.split()[0] == kernel}
     assert mine, cases
-    for name, (err, flag) in mine.items():
+    for name, (rel, worst, flag) in mine.items():
         bound = 1e-3 if "float16" in name else 1e-5  # fp16 outputs: a rare 1-ulp rounding flip
-        assert err < bound, (seed, name, err)
+        assert rel < bound and worst < bound, (seed, name, rel, worst)
         assert flag, (seed, name, FLAG_MEANS[kernel])
 
 
 # ---------------------------------------------------------------------------------------------- GPU
 QWEN3_4B = {"hidden": 2560, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 9728}
 TOKENS = [1, 7, 256]
+# 16-bit outputs: the kernels round as the references do, so only the GPU's approximate rsqrt / exp and
+# FMA contraction move an element, by a rounding flip (1-2 ulps: 2^-8 relative in bf16); RoPE's
+# y1 c - y2 s can put two such flips in one element, relative to the head's largest value.
+BOUND_16 = 1e-2   # rel_err
+WORST_16 = 2e-2   # worst_err
 
 
 def fp8_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -242,6 +261,8 @@ def test_write_kv_on_cuda(t, cache_dtype):
     assert untouched, "a skipped or foreign slot was written"
     for c, r in zip(caches, refs):
         if cache_dtype == FP8:
+            # The kernel divides correctly rounded (as the reference on the CPU); torch on CUDA multiplies by
+            # the scale's reciprocal, 1 fp32 ulp off at times: a rare element may round to the next fp8 value.
             ulps = fp8_ulps(c, r)
             assert int(ulps.max()) <= 1, int(ulps.max())
             assert int((ulps > 0).sum()) <= max(1, c.numel() // 10000), int((ulps > 0).sum())
@@ -283,34 +304,37 @@ def test_write_kv_in_a_cuda_graph(cache_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_norm_on_cuda(t, dtype):
     for with_residual in (True, False):
-        err, ok = norm_case(t, QWEN3_4B["hidden"], dtype, "cuda", with_residual=with_residual)
+        rel, worst, ok = norm_case(t, QWEN3_4B["hidden"], dtype, "cuda", with_residual=with_residual)
         assert ok, (t, dtype, with_residual, FLAG_MEANS["norm"])
-        assert err < 1e-2, (t, dtype, with_residual, err)
+        assert rel < BOUND_16 and worst < WORST_16, (t, dtype, with_residual, rel, worst)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", TOKENS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_qk_norm_rope_on_cuda(t, dtype):
-    err, ok = rope_case(t, QWEN3_4B["heads"], QWEN3_4B["kv_heads"], QWEN3_4B["head_dim"], dtype, "cuda",
-                        max_pos=32768)
-    assert ok and err < 1e-2, (t, dtype, err)
+    rel, worst, ok = rope_case(t, QWEN3_4B["heads"], QWEN3_4B["kv_heads"], QWEN3_4B["head_dim"], dtype, "cuda",
+                               max_pos=32768)
+    assert ok and rel < BOUND_16 and worst < WORST_16, (t, dtype, rel, worst)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", TOKENS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_silu_and_mul_on_cuda(t, dtype):
-    err, ok = silu_case(t, QWEN3_4B["intermediate"], dtype, "cuda")
-    assert ok and err < 1e-2, (t, dtype, err)
+    rel, worst, ok = silu_case(t, QWEN3_4B["intermediate"], dtype, "cuda")
+    assert ok and rel < BOUND_16 and worst < WORST_16, (t, dtype, rel, worst)
 
 
 @pytest.mark.gpu
 def test_float32_on_cuda():
     """float32 end to end (the engine's fp32 mode): GPU approximations (rsqrt, exp, division) stay ~1e-6."""
-    assert norm_case(7, QWEN3_4B["hidden"], torch.float32, "cuda")[0] < 1e-5
-    assert rope_case(7, QWEN3_4B["heads"], QWEN3_4B["kv_heads"], QWEN3_4B["head_dim"], torch.float32, "cuda")[0] < 1e-5
-    assert silu_case(7, QWEN3_4B["intermediate"], torch.float32, "cuda")[0] < 1e-5
+    c = QWEN3_4B
+    for name, (rel, worst, ok) in [("norm", norm_case(7, c["hidden"], torch.float32, "cuda")),
+                                   ("rope", rope_case(7, c["heads"], c["kv_heads"], c["head_dim"], torch.float32,
+                                                      "cuda")),
+                                   ("silu", silu_case(7, c["intermediate"], torch.float32, "cuda"))]:
+        assert ok and rel < 1e-5 and worst < 1e-5, (name, rel, worst)
 
 
 @pytest.mark.gpu
@@ -363,6 +387,7 @@ def test_ops_dispatch_to_triton_and_replay_in_a_cuda_graph(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     for name, out, ref in zip(("normed", "residual", "q", "k", "silu_and_mul"), outs, refs):
-        assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
+        rel, worst = errors([(out, ref)])
+        assert rel < BOUND_16 and worst < WORST_16, (name, rel, worst)
     for cache, ref in zip((k_cache, v_cache), ref_caches):
         assert int(fp8_ulps(cache, ref).max()) <= 1
