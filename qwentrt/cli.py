@@ -68,12 +68,14 @@ def synth(out: Path, preset: str, seed: int, dtype: str, force: bool) -> None:
               help="GPU memory budget in GiB for the KV plan [default: the target card's memory].")
 @click.option("--device", default="auto", show_default=True, help="Where calibration runs: auto, cpu, cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tune", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Time the W4A16 kernel configs on this GPU and keep the winners (auto: when it is the target).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build(checkpoint: str, out: Path, weights: str, kv_cache: str, group_size: int, calib: str | None,
           calib_samples: int, calib_seqlen: int, awq_grid: int, max_batch_size: int, max_num_tokens: int,
           max_seq_len: int, kv_block_size: int, target: str, gpu_memory: float | None, device: str, seed: int,
-          force: bool, quiet: bool) -> None:
+          tune: str, force: bool, quiet: bool) -> None:
     """Build an engine from CHECKPOINT (a HF folder or hub id): INT4 AWQ weights, FP8 KV scales,
     batching limits, the KV capacity for the GPU budget, and kernel configs for the target GPU."""
     from qwentrt.config import BuildConfig
@@ -83,7 +85,7 @@ def build(checkpoint: str, out: Path, weights: str, kv_cache: str, group_size: i
                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, awq_grid=awq_grid,
                           max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                           kv_block_size=kv_block_size, target=target, gpu_memory_gib=gpu_memory, device=device,
-                          seed=seed)
+                          seed=seed, tune=tune)
     log = (lambda *_: None) if quiet else (lambda m: click.echo(m, err=True))
     try:
         engine = _build(checkpoint, out, options, force=force, progress=not quiet, log=log)

@@ -202,8 +202,11 @@ class BuildConfig:
     gpu_memory_gib: float | None = None  # None = the target card's memory
     device: str = "auto"
     seed: int = 0
+    tune: str = "auto"  # time kernel configs on the GPU: "auto" (when building on the target's GPU), "on", "off"
 
     def validate(self) -> None:
+        if self.tune not in ("auto", "on", "off"):
+            raise ConfigError(f"--tune must be auto, on or off, got {self.tune!r}")
         if self.group_size not in (32, 64, 128):
             raise ConfigError(f"group size {self.group_size} is not supported (32, 64 or 128)")
         for key in ("calib_samples", "calib_seqlen", "awq_grid", "max_batch_size", "max_num_tokens",

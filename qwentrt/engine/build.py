@@ -185,6 +185,10 @@ def build(checkpoint: str | Path, out: str | Path, options: BuildConfig = BuildC
                 f"{mem.activations / GiB:.2f} GiB): raise --gpu-memory, or lower --max-seq-len / --max-num-tokens")
         k_scales, v_scales = observer.scales() if options.kv_cache == "fp8-e4m3" else ([], [])
         kernels = default_kernel_configs(target.compute_capability)
+        if _should_tune(options, device, target):
+            from qwentrt.engine.tuning import tune
+            log(f"tuning W4A16 kernel configs on {torch.cuda.get_device_name(device)}")
+            kernels.update(tune(cfg, options.group_size, device, log=log))
         wall = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         engine = EngineConfig(
@@ -210,6 +214,21 @@ def build(checkpoint: str | Path, out: str | Path, options: BuildConfig = BuildC
         engine.save(tmp)
     ckpt.close()
     return engine
+
+
+def _should_tune(options: BuildConfig, device: torch.device, target) -> bool:
+    if options.tune == "off" or options.weights != "int4-awq":
+        return False
+    here = (f"{torch.cuda.get_device_capability(device)[0]}.{torch.cuda.get_device_capability(device)[1]}"
+            if device.type == "cuda" else None)
+    if options.tune == "on":
+        if here is None:
+            raise BuildError("--tune on needs a CUDA GPU: kernel configs are timed on the GPU the engine is for")
+        if here != target.compute_capability:
+            raise BuildError(f"--tune on: this GPU is sm {here} but the target is {target.name} (sm "
+                             f"{target.compute_capability}); tune on the target GPU, or --tune off")
+        return True
+    return here is not None and here == target.compute_capability
 
 
 def _forward_collect(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

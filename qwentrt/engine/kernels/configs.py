@@ -6,19 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-# W4A16 decode GEMM: the best of five configs timed on the H100 (docs/KERNEL_NOTES.md); untested on sm_89,
-# where fewer stages keep the shared memory within the 4090's 100 KiB.
-_W4A16_DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
+# W4A16 GEMM per token bucket (untuned defaults; `qwentrt build` on the target GPU replaces them with
+# timed winners per bucket and shape, see engine/tuning.py). sm_89 gets fewer stages: the 4090 has
+# 100 KiB of shared memory per SM.
+def _w4a16(stages: int) -> dict[str, dict[str, Any]]:
+    def cfg(block_m: int, split_k: int) -> dict[str, dict[str, int]]:
+        return {"default": {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
+                            "num_stages": stages}}
+    return {"16": cfg(16, 8), "32": cfg(32, 4), "64": cfg(64, 2), "256": cfg(64, 1)}
+
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "8.9": {
-        "w4a16_decode": {"default": _W4A16_DECODE | {"num_stages": 2}},
-        "w4a16_prefill_min_tokens": 64,  # from this many tokens on: dequantize + cuBLAS
-    },
-    "9.0": {
-        "w4a16_decode": {"default": _W4A16_DECODE},
-        "w4a16_prefill_min_tokens": 64,
-    },
+    "8.9": {"w4a16_decode": _w4a16(2), "w4a16_prefill_min_tokens": 512},  # from here on: dequantize + cuBLAS
+    "9.0": {"w4a16_decode": _w4a16(3), "w4a16_prefill_min_tokens": 512},
 }
 
 

@@ -68,6 +68,34 @@ if triton is not None:
             tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
+    @triton.jit
+    def _awq_dequantize_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, stride_qw, stride_qz, stride_s, stride_w,
+                               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """W^T [K, N] in w's dtype from the packed tensors: one [BLOCK_K, BLOCK_N] tile per program."""
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        j = offs_n % 8
+        shifts = ((j % 2) * 4 + j // 2) * 4
+        mask_k = offs_k < K
+        mask_n = offs_n < N
+        qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
+                     mask=mask_k[:, None] & (offs_pn < tl.cdiv(N, 8))[None, :], other=0)
+        qw = tl.interleave(qw, qw)
+        qw = tl.interleave(qw, qw)
+        qw = tl.interleave(qw, qw)
+        q = (qw >> shifts[None, :]) & 0xF
+        g = offs_k // GROUP
+        mask = mask_k[:, None] & mask_n[None, :]
+        qz = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // 8)[None, :], mask=mask, other=0)
+        z = (qz >> shifts[None, :]) & 0xF
+        s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = (q - z).to(tl.float32) * s
+        tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 # Best of five configs timed on the H100 (docs/KERNEL_NOTES.md); build-time tuning replaces it per shape.
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
 
@@ -93,13 +121,45 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     return out.to(x.dtype) if split > 1 else out
 
 
+def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in dtype (`reference.awq_dequantize` with one Triton kernel): for many tokens, where a
+    cuBLAS matmul on the dequantized weight beats the W4A16 kernel."""
+    if triton is None:
+        raise RuntimeError("the W4A16 dequantize kernel needs the triton package")
+    k, n = qweight.shape[0], scales.shape[1]
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_k, block_n = 32, 128
+    _awq_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        qweight, qzeros, scales, w, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return w
+
+
+def decode_config(configs: dict, m: int, n: int, k: int) -> dict | None:
+    """The W4A16 GEMM config for m tokens of an [n, k] linear: the smallest token bucket ("16", "32", ...)
+    holding m (else the largest), then the shape's entry "NxK" (else the bucket's "default")."""
+    table = configs.get("w4a16_decode", {})
+    buckets = sorted(int(b) for b in table if b.isdigit())
+    if not buckets:
+        return table.get("default")
+    entry = table[str(next((b for b in buckets if m <= b), buckets[-1]))]
+    if "BLOCK_M" in entry:
+        return entry
+    return entry.get(f"{n}x{k}") or entry.get("default")
+
+
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, configs: dict | None = None) -> torch.Tensor:
-    """The engine's W4A16 linear: the Triton kernel for few tokens on CUDA; dequantize + matmul for many
-    tokens (cuBLAS) or on the CPU (the reference)."""
+    """The engine's W4A16 linear on CUDA: the Triton GEMM below `w4a16_prefill_min_tokens` tokens, the
+    Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU."""
     from qwentrt.engine.kernels import reference
 
     configs = configs or {}
-    if x.device.type != "cuda" or triton is None or x.shape[0] >= configs.get("w4a16_prefill_min_tokens", 64):
+    if x.device.type != "cuda" or triton is None:
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
-    return w4a16_gemm(x, qweight, qzeros, scales, group_size, configs.get("w4a16_decode", {}).get("default"))
+    m = x.shape[0]
+    if m >= configs.get("w4a16_prefill_min_tokens", 512):
+        return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
+    return w4a16_gemm(x, qweight, qzeros, scales, group_size,
+                      decode_config(configs, m, scales.shape[1], qweight.shape[0]))

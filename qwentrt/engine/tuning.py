@@ -1,0 +1,130 @@
+"""Build-time kernel tuning (our answer to an engine builder's tactic selection): on the target GPU, time
+the candidate W4A16 GEMM configs for each of the model's linear shapes and token buckets, and the
+dequantize + cuBLAS path for many tokens, and keep the winners in engine.json's `kernels`.
+
+Timing: every candidate runs inside a CUDA graph (as the decode step does), over enough distinct weight
+copies that they do not stay in L2, median of several replays. The result maps bucket -> shape -> config:
+
+    kernels["w4a16_decode"] = {"16": {"default": cfg, "6144x2560": cfg, ...}, "32": {...}, ...}
+    kernels["w4a16_prefill_min_tokens"] = the fewest tokens from which dequantize + cuBLAS wins
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any, Callable
+
+import torch
+
+L2_FLUSH_BYTES = 192 << 20  # distinct weight copies per timing: more than any GPU's L2
+BUCKETS = (16, 32, 64, 128, 256)
+PREFILL_CANDIDATES = (128, 256, 512, 1024)
+
+
+def candidate_configs(bucket: int) -> list[dict[str, int]]:
+    block_m = max(16, min(bucket, 64))
+    out = []
+    for block_n, split_k, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
+        if warps == 8 and block_n == 64 and block_m == 16:
+            continue
+        out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
+                    "num_warps": warps, "num_stages": 3})
+    return out
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(N, K) of the decoder layer's four (fused) linears, keyed "NxK"."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = [(cfg.q_size + 2 * cfg.kv_size, h), (h, cfg.q_size), (2 * i, h), (h, i)]
+    return {f"{n}x{k}": (n, k) for n, k in shapes}
+
+
+def _random_weights(n: int, k: int, group: int, device) -> list[tuple[torch.Tensor, ...]]:
+    bytes_one = k * n // 2 + 2 * (k // group) * n
+    copies = max(2, -(-L2_FLUSH_BYTES // bytes_one))
+    out = []
+    for _ in range(copies):
+        qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k, n // 8), dtype=torch.int32, device=device)
+        qzeros = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // group, n // 8), dtype=torch.int32, device=device)
+        scales = (torch.rand(k // group, n, device=device) * 0.01 + 0.001).to(torch.bfloat16)
+        out.append((qweight, qzeros, scales))
+    return out
+
+
+def time_in_graph(fn: Callable[[], Any], replays: int = 10) -> float:
+    """Median milliseconds of one replay of a CUDA graph capturing fn (fn is warmed up first)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
+               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, w4a16_gemm
+
+    shapes = linear_shapes(cfg)
+    weights = {key: _random_weights(n, k, group_size, device) for key, (n, k) in shapes.items()}
+    decode: dict[str, dict[str, Any]] = {}
+    timings: dict[str, Any] = {}
+    gemm_ms: dict[int, float] = {}
+    for bucket in buckets:
+        decode[str(bucket)] = {}
+        total = 0.0
+        for key, (n, k) in shapes.items():
+            x = torch.randn(bucket, k, device=device, dtype=torch.bfloat16)
+            ws = weights[key]
+            best, best_ms = None, float("inf")
+            for c in candidate_configs(bucket):
+                try:
+                    ms = time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, c) for w in ws]) / len(ws)
+                except Exception:  # a config the GPU cannot run (shared memory): not a candidate
+                    continue
+                if ms < best_ms:
+                    best, best_ms = c, ms
+            decode[str(bucket)][key] = best
+            timings[f"{bucket}/{key}"] = round(best_ms * 1e3, 2)
+            total += best_ms
+            log(f"  w4a16 {bucket:>4} tokens {key:>11}: {best_ms * 1e3:7.1f} us  {best}")
+        gemm_ms[bucket] = total
+    # many tokens: the best GEMM config of the largest bucket against dequantize + cuBLAS
+    prefill_min = None
+    top = str(buckets[-1])
+    for m in PREFILL_CANDIDATES:
+        t_gemm = t_deq = 0.0
+        for key, (n, k) in shapes.items():
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ws = weights[key][:2]
+            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, decode[top][key]) for w in ws]) / 2
+            t_deq += time_in_graph(lambda: [x @ awq_dequantize(*w, group_size, x.dtype) for w in ws]) / 2
+        timings[f"prefill/{m}"] = {"gemm_us": round(t_gemm * 1e3, 1), "dequant_cublas_us": round(t_deq * 1e3, 1)}
+        log(f"  w4a16 {m:>4} tokens, 4 linears: GEMM {t_gemm * 1e3:7.1f} us, dequantize + cuBLAS {t_deq * 1e3:7.1f} us")
+        if prefill_min is None and t_deq < t_gemm:
+            prefill_min = m
+    del weights
+    torch.cuda.empty_cache()
+    for table in decode.values():
+        table["default"] = table[max(shapes, key=lambda s: shapes[s][0] * shapes[s][1])]
+    return {"w4a16_decode": decode, "w4a16_prefill_min_tokens": prefill_min or 2 * PREFILL_CANDIDATES[-1],
+            "tuning_us": timings}
+
+
+def tune(cfg, group_size: int, device: torch.device, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Kernel configs for this model on this GPU (the `kernels` of engine.json, with tuned = True)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    out = tune_w4a16(cfg, group_size, device, log=log)
+    out.update(tuned=True, compute_capability=f"{major}.{minor}", tuned_on=torch.cuda.get_device_name(device))
+    return out

@@ -1,0 +1,163 @@
+"""On the GPU machine: quick engine-level speed and correctness checks of the 4b engine (working tool for
+issue 5; user-facing figures come from `qwentrt bench`). Prints and writes $OUT/speed.json:
+graphs-vs-eager agreement, batch-1 decode ITL (graphs and eager), TTFT of a 2,048-token prompt,
+the 36 layers' linears at 1 token under a CUDA graph, closed-loop throughput, and a profile of one
+decode step (top kernels)."""
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from qwentrt.config import SamplingParams
+from qwentrt.engine.engine import LLMEngine
+
+ENGINE = sys.argv[1]
+WHAT = set((sys.argv[2] if len(sys.argv) > 2 else "agree,itl,ttft,linears,profile,throughput").split(","))
+OUT = os.environ.get("OUT", "/tmp")
+res: dict = {"gpu": torch.cuda.get_device_name()}
+
+
+def save():
+    with open(os.path.join(OUT, "speed.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def rand_prompt(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1000, 100000, (n,), generator=g).tolist()
+
+
+def free(engine):
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def timed_steps(eng):
+    times = []
+    while eng.has_unfinished():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+if "agree" in WHAT:
+    prompts = [rand_prompt(n, i) for i, n in enumerate((20, 77, 300))]
+    p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for graphs in (True, False):
+        eng = LLMEngine(ENGINE, num_blocks=512, max_batch_size=16, cuda_graphs=graphs)
+        outs[graphs] = [o.token_ids for o in eng.generate(prompts, p)]
+        free(eng)
+    same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(outs[True], outs[False])]
+    res["graphs_vs_eager_greedy_tokens_equal"] = same
+    print("graphs vs eager: equal greedy tokens per request (of 24):", same, flush=True)
+    save()
+
+eng = LLMEngine(ENGINE)
+print("engine ready:", eng.runner.num_blocks, "pages; graphs", eng.runner.graphs.sizes if eng.runner.graphs else None,
+      flush=True)
+res["kv_tokens"] = eng.runner.num_blocks * eng.runner.block_size
+
+if "itl" in WHAT:
+    for mode in ("graphs", "eager"):
+        graphs = eng.runner.graphs
+        if mode == "eager":
+            eng.runner.graphs = None
+        eng.add_request(f"itl-{mode}", prompt_ids=rand_prompt(128, 7), params=SamplingParams(
+            max_tokens=200, temperature=0.0, ignore_eos=True))
+        times = timed_steps(eng)[1:]
+        eng.runner.graphs = graphs
+        res[f"itl_batch1_{mode}_ms"] = statistics.median(times) * 1e3
+        print(f"batch-1 decode ITL ({mode}): median {statistics.median(times) * 1e3:.3f} ms, "
+              f"p90 {sorted(times)[int(len(times) * .9)] * 1e3:.3f} ms", flush=True)
+    save()
+
+if "ttft" in WHAT:
+    ttfts = []
+    for i in range(6):
+        eng.add_request(f"ttft-{i}", prompt_ids=rand_prompt(2048, 100 + i), params=SamplingParams(max_tokens=1))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        while eng.has_unfinished():
+            eng.step()
+        ttfts.append(time.perf_counter() - t)
+    res["ttft_2048_ms"] = statistics.median(ttfts[1:]) * 1e3
+    print(f"TTFT 2048-token prompt, batch 1: median {res['ttft_2048_ms']:.1f} ms ({[round(x*1e3,1) for x in ttfts]})",
+          flush=True)
+    save()
+
+if "linears" in WHAT:
+    layers = eng.runner.model.layers
+    cfg = eng.config.model
+    for m in (1, 8, 16, 32, 64, 128, 256):
+        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (cfg.hidden_size, cfg.q_size,
+                                                                                  cfg.intermediate_size)}
+
+        def run_all():
+            for layer in layers:
+                layer.qkv_proj(xs[cfg.hidden_size])
+                layer.o_proj(xs[cfg.q_size])
+                layer.gate_up_proj(xs[cfg.hidden_size])
+                layer.down_proj(xs[cfg.intermediate_size])
+        run_all()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run_all()
+        for _ in range(3):
+            g.replay()
+        times = []
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        res[f"linears_graph_ms_m{m}"] = statistics.median(times)
+        print(f"36 layers' linears at {m} tokens, CUDA graph: {statistics.median(times):.3f} ms", flush=True)
+        del g
+    save()
+
+if "profile" in WHAT:
+    from torch.profiler import ProfilerActivity, profile
+    for batch in (1, 64):
+        for i in range(batch):
+            eng.add_request(f"prof-{batch}-{i}", prompt_ids=rand_prompt(200, 1000 + i),
+                            params=SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        for _ in range(8):
+            eng.step()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                eng.step()
+            torch.cuda.synchronize()
+        print(f"--- profile, batch {batch}, 5 decode steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        while eng.has_unfinished():
+            eng.step()
+
+if "throughput" in WHAT:
+    for conc, isl, osl in ((64, 1000, 300), (256, 1000, 300)):
+        p = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+        for i in range(conc):
+            eng.add_request(f"tp-{conc}-{i}", prompt_ids=rand_prompt(isl, 5000 + conc * 1000 + i), params=p)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        steps = timed_steps(eng)
+        wall = time.perf_counter() - t
+        tok = conc * osl
+        decode = sorted(steps)[len(steps) // 2]
+        res[f"throughput_c{conc}_isl{isl}_osl{osl}"] = {"wall_s": wall, "out_tok_s": tok / wall,
+                                                         "median_step_ms": decode * 1e3, "steps": len(steps)}
+        print(f"closed batch of {conc} x ({isl} in, {osl} out): {tok / wall:.0f} out tok/s, wall {wall:.1f} s, "
+              f"median step {decode * 1e3:.2f} ms ({conc / decode:.0f} tok/s at that step)", flush=True)
+    save()
+print(json.dumps(res))
