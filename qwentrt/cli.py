@@ -331,6 +331,25 @@ def perf_analyzer_cmd(url: str, concurrency: str, prompt_len: int, output_len: i
     click.echo(f"CSVs and logs in {out_dir}")
 
 
+def _command_line(ctx: click.Context) -> list[str]:
+    """The command as typed (sys.argv), or as click parsed it when invoked otherwise (e.g. from tests)."""
+    from click.core import ParameterSource
+
+    if ctx.info_name in sys.argv:
+        return ["qwentrt", *sys.argv[sys.argv.index(ctx.info_name):]]
+    words = ["qwentrt", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+            if getattr(param, "is_flag", False):
+                words += [param.opts[-1]] if value else []
+            else:
+                words += [w for v in (value if param.multiple else [value]) for w in (param.opts[-1], str(v))]
+    return words
+
+
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--isl", multiple=True, default=("1000",), show_default=True,
@@ -400,7 +419,7 @@ def bench(ctx: click.Context, engine_dir: Path, isl: tuple[str, ...], osl: tuple
                           peer_max_batch=peer_max_batch, peer_batches=peer_batches,
                           price_per_gpu_hour=price_per_gpu_hour, out=out, perf_analyzer=use_perf_analyzer,
                           perf_analyzer_ms=perf_analyzer_ms, device=device, server_timeout_s=server_timeout_s,
-                          seed=seed, command=["qwentrt", *sys.argv[1:]])
+                          seed=seed, command=_command_line(ctx))
         doc, files = run_bench(cfg, log=lambda m: click.echo(m, err=True), allow_gpu_mismatch=allow_gpu_mismatch)
     except QwentrtError as e:
         _fail(e)

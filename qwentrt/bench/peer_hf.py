@@ -59,7 +59,9 @@ class HFPeer:
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.checkpoint = checkpoint
