@@ -8,6 +8,7 @@ PRESET ?= tiny
 MODEL ?= build/checkpoints/qwen3-$(PRESET)
 ENGINE ?= build/qwen3-$(PRESET)
 BUILD_ARGS ?=
+BENCH_ARGS ?=
 FORCE ?=
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -49,8 +50,11 @@ demo: install
 	$(MAKE) --no-print-directory engine PRESET=tiny MODEL=build/checkpoints/qwen3-tiny ENGINE=build/qwen3-tiny
 	$(VENV)/bin/python -m qwentrt.serving.demo build/qwen3-tiny
 
+# Measure ENGINE (engine-direct and served): make bench ENGINE=build/qwen3-4b BENCH_ARGS="--peer hf --quick"
+# Writes build/bench/<engine>-<time>/ (results.json, report.md, PNGs); see docs/PERFORMANCE.md.
 bench: install
-	@echo "make bench: not built yet (qwentrt bench arrives with the speed issue)"; exit 2
+	@[ -f "$(ENGINE)/engine.json" ] || { echo "no engine at $(ENGINE): run make engine first"; exit 2; }
+	$(QWENTRT) bench $(ENGINE) $(BENCH_ARGS)
 
 test: install
 	$(VENV)/bin/python -m pytest -q

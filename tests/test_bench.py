@@ -54,6 +54,7 @@ def test_summary_latencies_and_throughput_over_the_window():
     assert s["ttft_ms"]["p50"] == pytest.approx(150.0)  # 100 and 200 ms
     assert s["itl_ms"]["p50"] == pytest.approx(150.0)  # gaps 100, 100, 200, 200 ms
     assert s["e2e_ms"]["p50"] == pytest.approx(450.0)
+    assert s["tpot_ms"]["p50"] == pytest.approx(150.0)  # (0.3-0.1)/2 and (0.6-0.2)/2
     assert s["output_tokens"] == 7 and s["output_tok_s"] == pytest.approx(7 / 0.6)
     assert s["requests_s"] == pytest.approx(2 / 0.6)
 
@@ -187,7 +188,8 @@ def test_quick_engine_run_report_and_plots(quick_run):
     rows = _table_rows(md)
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [("engine", "16", "8", "1", "8/8"),
                                                              ("engine", "16", "8", "4", "8/8")]
-    assert all(r[10] != "-" and float(r[10]) > 0 for r in rows)  # out tok/s
+    col = report.COLUMNS.index("out tok/s")
+    assert all(r[col] != "-" and float(r[col]) > 0 for r in rows)
     assert "| mode | ISL | OSL | C |" in result.output  # the table is printed at the end
     for name in report.PLOTS:
         data = (out / name).read_bytes()
@@ -269,3 +271,22 @@ def test_hf_peer_on_the_tiny_checkpoint(tiny_engine, tiny_ckpt, tmp_path):
         assert math.isfinite(comps[c]["engine_over_peer_itl_p50"])
     md = (out / "report.md").read_text()
     assert "## Ratios" in md and "batch 2" in md
+
+
+def test_merge_runs_into_one_report_with_ratios(quick_run, tmp_path):
+    from qwentrt.bench.merge import merge
+
+    out, _ = quick_run
+    # a second run: the same points as if the peer had made them, at half the throughput
+    doc = json.loads((out / "results.json").read_text())
+    for p in doc["points"]:
+        p["mode"], p["peer_batch"] = "hf-peer", p["concurrency"]
+        p["summary"]["output_tok_s"] /= 2
+    peer_dir = tmp_path / "peer"
+    peer_dir.mkdir()
+    (peer_dir / "results.json").write_text(json.dumps(doc))
+    merged, files = merge([out, peer_dir], tmp_path / "merged")
+    assert len(merged["points"]) == 4 and len(merged["merged_from"]) == 2
+    assert all(c["engine_over_peer_tok_s"] == pytest.approx(2.0) for c in merged["comparisons"])
+    md = files["markdown"].read_text()
+    assert "## Ratios" in md and "2.00x" in md and (tmp_path / "merged" / "throughput.png").is_file()

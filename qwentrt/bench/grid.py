@@ -14,7 +14,7 @@ DEFAULT_PRICE_PER_GPU_HOUR = 20.0
 
 QUICK = dict(isl=[16], osl=[8], concurrency=[1, 4])  # --quick: a smoke test in seconds on a CPU
 
-MODES = ("engine", "served", "both")
+MODES = ("engine", "served", "both", "none")  # none: only the peer (with --peer)
 
 
 def parse_ints(values: str | list[str] | tuple[str, ...], name: str) -> list[int]:
@@ -88,6 +88,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise QwentrtError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "none" and self.peer is None:
+            raise QwentrtError("--mode none measures nothing without --peer hf")
         if self.peer not in (None, "hf"):
             raise QwentrtError(f"--peer: only 'hf' is known, got {self.peer!r}")
         if self.num_requests is not None and self.num_requests < 1:
@@ -103,7 +105,7 @@ class BenchConfig:
 
     @property
     def modes(self) -> list[str]:
-        return ["engine", "served"] if self.mode == "both" else [self.mode]
+        return {"both": ["engine", "served"], "none": []}.get(self.mode, [self.mode])
 
     def requests_for(self, concurrency: int) -> int:
         return self.num_requests if self.num_requests is not None else max(2 * concurrency, 8)

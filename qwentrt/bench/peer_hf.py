@@ -165,11 +165,20 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log, o
             results.append(r)
             on_result(r)
         return results
+    done: dict[tuple[int, int, int], dict] = {}  # (isl, osl, batch) -> result: a capped batch runs once
     try:
         for p in points:
             batch = min(p.concurrency, cfg.peer_max_batch)
+            same = done.get((p.isl, p.osl, batch))
+            if same is not None and same["status"] != "error":
+                r = dict(same, concurrency=p.concurrency, same_as_concurrency=same["concurrency"])
+                log(f"peer: {p.label}: batch {batch} as at concurrency {same['concurrency']}, not run again")
+                results.append(r)
+                on_result(r)
+                continue
             log(f"peer: {p.label}, batch {batch} x {cfg.peer_batches}")
             r = peer.run_point(cfg, p, sampler)
+            done[(p.isl, p.osl, batch)] = r
             log("peer:   " + brief(r))
             results.append(r)
             on_result(r)

@@ -67,7 +67,8 @@ def _clean(x):
 def write_json(doc: dict, out: Path) -> Path:
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False, default=str), encoding="utf-8")
+    # compact: one line per point's records would otherwise be one line per token
+    tmp.write_text(json.dumps(_clean(doc), allow_nan=False, default=str), encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -84,7 +85,7 @@ def _peak_gib(r: dict) -> float | None:
 
 
 COLUMNS = ["mode", "ISL", "OSL", "C", "ok/req", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-           "E2E p50 ms", "out tok/s", "req/s", "peak GiB", "W", "J/tok", "yuan/Mtok", "vs peer"]
+           "TPOT p50 ms", "E2E p50 ms", "out tok/s", "req/s", "peak GiB", "W", "J/tok", "yuan/Mtok", "vs peer"]
 
 
 def table(points: list[dict], comps: list[dict] | None = None) -> str:
@@ -107,7 +108,7 @@ def table(points: list[dict], comps: list[dict] | None = None) -> str:
             lat = lambda k, p: _f((s.get(k) or {}).get(p))  # noqa: E731
             cells = [r["mode"], str(r["isl"]), str(r["osl"]), str(r["concurrency"]), f"{s['ok']}/{s['requests']}",
                      lat("ttft_ms", "p50"), lat("ttft_ms", "p99"), lat("itl_ms", "p50"), lat("itl_ms", "p99"),
-                     lat("e2e_ms", "p50"), _f(s.get("output_tok_s")), _f(s.get("requests_s"), ".2f"),
+                     lat("tpot_ms", "p50"), lat("e2e_ms", "p50"), _f(s.get("output_tok_s")), _f(s.get("requests_s"), ".2f"),
                      _f(_peak_gib(r), ".2f"), _f(gpu.get("power_avg_w"), ".0f"), _f(gpu.get("j_per_token"), ".3f"),
                      _f(r.get("cost_per_mtok"), ".2f"), vs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -130,11 +131,14 @@ def markdown(doc: dict) -> str:
         f"max batch {eng.get('max_batch_size')}, {eng.get('max_num_tokens')} tokens/step, KV capacity "
         f"{eng.get('kv_capacity_tokens')} tokens, built for {eng.get('target')}",
         f"- command: `{env['command']}`",
-        f"- greedy, exact-length synthetic prompts, outputs forced to OSL tokens; requests per point: "
-        f"{opts.get('num_requests') or 'max(2*C, 8)'}; warmup rounds per point: {opts['warmup']}",
+        f"- greedy, exact-length synthetic prompts, outputs forced to OSL tokens, closed loop (C in flight); "
+        + (f"requests issued for {opts['duration_s']:g} s per point, then drained"
+           if opts.get("duration_s") else f"requests per point: {opts.get('num_requests') or 'max(2*C, 8)'}")
+        + f"; warmup rounds per point: {opts['warmup']}; throughput over first submission to last finish",
         f"- cost: {opts['price_per_gpu_hour']:g} yuan per GPU-hour (an assumption: --price-per-gpu-hour) / output "
         "tok/s; peak GiB: GPU memory used (NVML, the whole GPU) when known, else torch's peak allocation; W and "
-        "J/tok: NVML over the measured window",
+        "J/tok: NVML over the measured window; ITL: every gap between tokens (an output carrying k tokens after "
+        "a gap g counts k gaps of g/k); TPOT: per request, (last token - first token) / (tokens - 1)",
         "",
         table(points, comps),
     ]
@@ -145,6 +149,8 @@ def markdown(doc: dict) -> str:
                   "engine/peer ITL p50 | served/peer tok/s | peer batch |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in comps:
+            if all(v is None for k, v in c.items() if k.endswith(("_tok_s", "_p50"))):
+                continue
             lines.append(f"| {c['isl']} | {c['osl']} | {c['concurrency']} | {_f(c['served_over_engine_tok_s'], '.2f')} "
                          f"| {_f(c['engine_over_peer_tok_s'], '.2f')} | {_f(c['engine_over_peer_ttft_p50'], '.2f')} "
                          f"| {_f(c['engine_over_peer_itl_p50'], '.2f')} | {_f(c['served_over_peer_tok_s'], '.2f')} "

@@ -104,7 +104,7 @@ def run_bench(cfg: BenchConfig, log: Log = lambda m: print(m, file=sys.stderr), 
         doc["comparisons"] = report.comparisons(doc["points"])
         report.write_json(doc, out)
 
-    try:
+    try:  # Ctrl-C (or `timeout -s INT`) stops the run; what was measured is still reported
         if "engine" in cfg.modes:
             runner_engine.run(cfg, points, sampler, log, on_result, allow_gpu_mismatch)
         if "served" in cfg.modes:
@@ -115,6 +115,9 @@ def run_bench(cfg: BenchConfig, log: Log = lambda m: print(m, file=sys.stderr), 
             from qwentrt.bench import peer_hf
 
             peer_hf.run(cfg, points, sampler, log, on_result, device)
+    except KeyboardInterrupt:
+        log("bench: interrupted; writing what was measured")
+        doc["notes"].append("interrupted before the end: points not listed were not measured")
     finally:
         sampler.close()
         doc["comparisons"] = report.comparisons(doc["points"])

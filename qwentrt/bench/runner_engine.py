@@ -44,23 +44,26 @@ class EngineRunner:
         self._ids += 1
         return f"bench-{self._ids}"
 
-    def _drain(self, in_flight: dict[str, RequestRecord], t0: float) -> None:
+    def _drain(self, in_flight: dict[str, RequestRecord], t0: float,
+               why: str = "aborted: the point ran past --point-timeout") -> None:
         """Abort what is still running (after a timeout or a fault) so the next point starts empty."""
         now = time.perf_counter() - t0
         for rid, rec in in_flight.items():
             self.engine.abort(rid)
             if rec.error is None:
-                rec.error = "aborted: the point ran past --point-timeout"
+                rec.error = why
             rec.end = now
         in_flight.clear()
 
     def _loop(self, n: int | None, duration: float | None, concurrency: int, prompt: Callable[[int], str],
-              params: SamplingParams, timeout: float) -> tuple[list[RequestRecord], float, float]:
-        """Closed loop; returns (records, t0, window seconds)."""
+              params: SamplingParams, timeout: float, records: list[RequestRecord] | None = None
+              ) -> tuple[list[RequestRecord], float, float]:
+        """Closed loop; returns (records, t0, window seconds). `records` fills as requests are submitted
+        (so that an interrupted loop's caller still has them); `self.t0` is the window's start."""
         engine = self.engine
-        records: list[RequestRecord] = []
+        records = [] if records is None else records
         in_flight: dict[str, RequestRecord] = {}
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         issued = 0
 
         def more(now: float) -> bool:
@@ -99,6 +102,9 @@ class EngineRunner:
                     for rec in in_flight.values():
                         rec.error = "engine: request vanished without a final output"
                     self._drain(in_flight, t0)
+        except KeyboardInterrupt:
+            self._drain(in_flight, t0, "aborted: the run was interrupted")
+            raise
         finally:
             self._drain(in_flight, t0)
         ends = [r.end for r in records if r.end is not None]
@@ -124,8 +130,18 @@ class EngineRunner:
                 torch.cuda.reset_peak_memory_stats(self.device)
             params = SamplingParams(max_tokens=point.osl, temperature=0.0, ignore_eos=True)
             mark = self.sampler.mark()
-            records, t0, window = self._loop(point.num_requests, cfg.duration_s, point.concurrency,
-                                             prompts.measured, params, cfg.point_timeout_s)
+            records: list[RequestRecord] = []
+            try:
+                records, t0, window = self._loop(point.num_requests, cfg.duration_s, point.concurrency,
+                                                 prompts.measured, params, cfg.point_timeout_s, records)
+            except KeyboardInterrupt:  # keep what the point measured, then stop the run
+                window = time.perf_counter() - self.t0
+                done = [r for r in records if r.end is not None]
+                ok = any(r.error is None for r in done)
+                return point_result("engine", point.isl, point.osl, point.concurrency, done, window,
+                                    self.sampler.summary(mark), cfg.price_per_gpu_hour,
+                                    error=None if ok else "interrupted before a request finished", interrupted=True,
+                                    **extra)
             gpu = self.sampler.summary(mark, t0 + window)
             if cuda:
                 gpu["torch_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
@@ -161,6 +177,8 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log,
             log("engine:   " + brief(r))
             results.append(r)
             on_result(r)
+            if r.get("interrupted"):
+                raise KeyboardInterrupt
     finally:
         runner.close()
     return results

@@ -52,15 +52,18 @@ class Served:
 
 
 async def _closed_loop(url: str, n: int | None, duration: float | None, concurrency: int,
-                       prompt: Callable[[int], str], osl: int, timeout: float
+                       prompt: Callable[[int], str], osl: int, timeout: float,
+                       records: list[RequestRecord] | None = None, state: dict | None = None
                        ) -> tuple[list[RequestRecord], float, float]:
+    """Closed loop; returns (records, t0, window). `records` and `state["t0"]` fill as it runs."""
     from qwentrt.client.grpc_client import AsyncClient, GenerateParams, ServerError
 
     params = GenerateParams(max_tokens=osl, min_tokens=osl, temperature=0.0)
-    records: list[RequestRecord] = []
-    state = {"issued": 0}
+    records = [] if records is None else records
+    state = {} if state is None else state
+    state["issued"] = 0
     async with AsyncClient(url) as client:
-        t0 = time.perf_counter()
+        t0 = state["t0"] = time.perf_counter()
         deadline = t0 + timeout
 
         async def worker() -> None:
@@ -105,8 +108,18 @@ def run_point(cfg: BenchConfig, url: str, point: Point, sampler: NvmlSampler) ->
             asyncio.run(_closed_loop(url, c, None, c, lambda i, r=r: prompts.warmup(r * c + i),
                                      min(point.osl, WARMUP_OUTPUT_TOKENS), cfg.point_timeout_s))
         mark = sampler.mark()
-        records, t0, window = asyncio.run(_closed_loop(url, point.num_requests, cfg.duration_s, c,
-                                                       prompts.measured, point.osl, cfg.point_timeout_s))
+        records: list[RequestRecord] = []
+        state: dict = {"t0": time.perf_counter()}
+        try:
+            records, t0, window = asyncio.run(_closed_loop(url, point.num_requests, cfg.duration_s, c,
+                                                           prompts.measured, point.osl, cfg.point_timeout_s,
+                                                           records, state))
+        except KeyboardInterrupt:  # keep what the point measured, then stop the run
+            done = [r for r in records if r.end is not None and r.error is None]
+            return point_result("served", point.isl, point.osl, c, done, time.perf_counter() - state["t0"],
+                                sampler.summary(mark), cfg.price_per_gpu_hour,
+                                error=None if done else "interrupted before a request finished", interrupted=True,
+                                **extra)
         gpu = sampler.summary(mark, t0 + window)
         return point_result("served", point.isl, point.osl, c, records, window, gpu, cfg.price_per_gpu_hour,
                             **extra)
@@ -132,6 +145,8 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log, o
                 log("served:   " + brief(r))
                 results.append(r)
                 on_result(r)
+                if r.get("interrupted"):
+                    raise KeyboardInterrupt
             if cfg.perf_analyzer:
                 pa = run_perf_analyzer(cfg, served.url, out / "perf_analyzer", log)
     except Exception as e:
