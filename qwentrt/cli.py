@@ -364,8 +364,9 @@ def _command_line(ctx: click.Context) -> list[str]:
               help="Seconds per point to keep issuing requests (instead of --num-requests); in-flight ones finish.")
 @click.option("--point-timeout", "point_timeout_s", type=float, default=900, show_default=True,
               help="Seconds after which a point's unfinished requests are aborted (recorded as such).")
-@click.option("--mode", type=click.Choice(["engine", "served", "both"]), default="both", show_default=True,
-              help="engine: LLMEngine in this process; served: tritonserver + gRPC client; both: one then the other.")
+@click.option("--mode", type=click.Choice(["engine", "served", "both", "none"]), default="both", show_default=True,
+              help="engine: LLMEngine in this process; served: tritonserver + gRPC client; both: one then the "
+                   "other; none: only the peer (with --peer).")
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Warmup rounds per point (concurrency-many requests of the point's ISL, 8 output tokens).")
 @click.option("--peer", type=click.Choice(["hf"]), default=None,
