@@ -103,12 +103,16 @@ def table(points: list[dict], comps: list[dict] | None = None) -> str:
             x = comp.get(f"{r['mode']}_over_peer_tok_s")
             vs = "-" if x is None else f"{x:.2f}x"
         if r["status"] == "error":
-            cells = [r["mode"], str(r["isl"]), str(r["osl"]), str(r["concurrency"]), "error"] + ["-"] * (len(COLUMNS) - 5)
+            cells = [r["mode"], str(r["isl"]), str(r["osl"]), str(r["concurrency"]), "error"]
+            cells += ["-"] * (len(COLUMNS) - 5)
         else:
-            lat = lambda k, p: _f((s.get(k) or {}).get(p))  # noqa: E731
+            def lat(k: str, p: str, s: dict = s) -> str:
+                return _f((s.get(k) or {}).get(p))
+
             cells = [r["mode"], str(r["isl"]), str(r["osl"]), str(r["concurrency"]), f"{s['ok']}/{s['requests']}",
                      lat("ttft_ms", "p50"), lat("ttft_ms", "p99"), lat("itl_ms", "p50"), lat("itl_ms", "p99"),
-                     lat("tpot_ms", "p50"), lat("e2e_ms", "p50"), _f(s.get("output_tok_s")), _f(s.get("requests_s"), ".2f"),
+                     lat("tpot_ms", "p50"), lat("e2e_ms", "p50"), _f(s.get("output_tok_s")),
+                     _f(s.get("requests_s"), ".2f"),
                      _f(_peak_gib(r), ".2f"), _f(gpu.get("power_avg_w"), ".0f"), _f(gpu.get("j_per_token"), ".3f"),
                      _f(r.get("cost_per_mtok"), ".2f"), vs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -131,7 +135,7 @@ def markdown(doc: dict) -> str:
         f"max batch {eng.get('max_batch_size')}, {eng.get('max_num_tokens')} tokens/step, KV capacity "
         f"{eng.get('kv_capacity_tokens')} tokens, built for {eng.get('target')}",
         f"- command: `{env['command']}`",
-        f"- greedy, exact-length synthetic prompts, outputs forced to OSL tokens, closed loop (C in flight); "
+        "- greedy, exact-length synthetic prompts, outputs forced to OSL tokens, closed loop (C in flight); "
         + (f"requests issued for {opts['duration_s']:g} s per point, then drained"
            if opts.get("duration_s") else f"requests per point: {opts.get('num_requests') or 'max(2*C, 8)'}")
         + f"; warmup rounds per point: {opts['warmup']}; throughput over first submission to last finish",
@@ -160,7 +164,8 @@ def markdown(doc: dict) -> str:
     if errors or notes:
         lines += ["", "## Notes", ""]
         for r in errors:
-            why = r.get("error") or ", ".join(f"{k} x{v}" for k, v in ((r.get("summary") or {}).get("error_kinds") or {}).items())
+            kinds = (r.get("summary") or {}).get("error_kinds") or {}
+            why = r.get("error") or ", ".join(f"{k} x{v}" for k, v in kinds.items())
             lines.append(f"- {r['mode']} ISL {r['isl']} / OSL {r['osl']} / C {r['concurrency']}: {r['status']}: {why}")
         lines += [f"- {n}" for n in notes]
     pa = doc.get("perf_analyzer")

@@ -110,7 +110,8 @@ def run_bench(cfg: BenchConfig, log: Log = lambda m: print(m, file=sys.stderr), 
         if "served" in cfg.modes:
             _, doc["perf_analyzer"] = runner_served.run(cfg, points, sampler, log, on_result, device, out)
         elif cfg.perf_analyzer:
-            doc["perf_analyzer"] = {"status": "skipped", "error": "perf_analyzer needs the server: --mode served or both"}
+            doc["perf_analyzer"] = {"status": "skipped",
+                                    "error": "perf_analyzer needs the server: --mode served or both"}
         if cfg.peer == "hf":
             from qwentrt.bench import peer_hf
 

@@ -124,7 +124,7 @@ class EngineRunner:
                                       ignore_eos=True)
                 for r in range(cfg.warmup):
                     c = point.concurrency
-                    self._loop(c, None, c, lambda i, r=r: prompts.warmup(r * c + i), warm, cfg.point_timeout_s)
+                    self._loop(c, None, c, lambda i, r=r, c=c: prompts.warmup(r * c + i), warm, cfg.point_timeout_s)
             if cuda:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)

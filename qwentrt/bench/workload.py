@@ -25,7 +25,8 @@ class Prompts:
     def _get(self, kind: str, index: int) -> str:
         key = (kind, index)
         if key not in self._cache:
-            self._cache[key] = synthetic_prompt(self.point.isl, seed=prompt_seed(self.base_seed, self.point, kind, index))
+            seed = prompt_seed(self.base_seed, self.point, kind, index)
+            self._cache[key] = synthetic_prompt(self.point.isl, seed=seed)
         return self._cache[key]
 
     def measured(self, index: int) -> str:

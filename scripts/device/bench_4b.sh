@@ -5,6 +5,7 @@
 # One device command may run 10 minutes, so the work is split into stages, one call each; the machine
 # stays warm between calls and keeps /tmp (checkpoint, engine, every stage's results):
 #   STAGE=build   synth /tmp/ckpt-4b and build /tmp/engine-4b (skipped when they exist)
+#   STAGE=quick   a smoke test of every mode and the peer on a tiny grid (ISL 16, OSL 8, C 1,4)
 #   STAGE=engine  engine-direct grid (LLMEngine in-process)
 #   STAGE=served  the same grid through tritonserver + the gRPC client (PA=1: also perf_analyzer)
 #   STAGE=peer    HF transformers generate, bf16, on the same weights
@@ -56,6 +57,7 @@ build() {
 
 case "$STAGE" in
   build) build ;;
+  quick) ISL=16 OSL=8 CONC=1,4 DURATION=5 bench quick --mode both --peer hf --peer-checkpoint "$CKPT" ;;
   engine) bench engine --mode engine ;;
   served) bench served --mode served ${PA:+--perf-analyzer} ;;
   peer) bench peer --mode none --peer hf --peer-checkpoint "$CKPT" ;;
