@@ -65,3 +65,24 @@ def test_an_engine_for_another_gpu_is_refused_unless_allowed(tiny_engine):
     with pytest.raises(ConfigError, match="built for NVIDIA GeForce RTX 4090 .* --allow-gpu-mismatch"):
         LLMEngine(tiny_engine, device="cuda")
     LLMEngine(tiny_engine, device="cuda", num_blocks=16, allow_gpu_mismatch=True)
+
+
+def test_cuda_graph_decode_matches_eager_decode(cuda_engine):
+    """One decode step of a mixed-length batch: the captured graph (padded to its batch size, full-width
+    block table) against the eager forward on the same cache state."""
+    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16)
+    assert eng.runner.graphs is not None
+    for i, n in enumerate((5, 40, 77)):
+        eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
+                        params=SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    batch = eng.scheduler.schedule()
+    assert all(item.num_tokens == 1 for item in batch)
+    graphed, seqs = eng.runner.run(batch, eng.block_manager)
+    graphed = graphed.clone()
+    graphs, eng.runner.graphs = eng.runner.graphs, None
+    eager, seqs_eager = eng.runner.run(batch, eng.block_manager)
+    eng.runner.graphs = graphs
+    assert [s.request_id for s in seqs] == [s.request_id for s in seqs_eager]
+    assert rel(graphed.cpu(), eager.cpu()) < 2e-2

@@ -37,6 +37,24 @@ INTERPRET_SCRIPT = textwrap.dedent("""
         out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], group, cfg)
         assert not torch.isnan(out).any()
         worst = max(worst, float((out - ref).norm() / ref.norm()))
+    from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv, _workspace
+    for m, n, k, group, split, bn in [(1, 64, 256, 128, 1, 32), (3, 128, 512, 128, 2, 64), (2, 72, 256, 64, 4, 16)]:
+        t = random_awq(n, k, group)
+        x = torch.randn(m, k)
+        ref = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], group)
+        for _ in range(2):  # twice: the split-K workspace and counters must come back to zero
+            out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], group,
+                             {"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split})
+            assert not torch.isnan(out).any()
+            worst = max(worst, float((out - ref).norm() / ref.norm()))
+        ws, counts = _workspace(x.device)
+        assert not ws.any() and not counts.any()
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize
+    for n, k, group in [(64, 256, 128), (200, 192, 64)]:
+        t = random_awq(n, k, group)
+        ref = reference.awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.float32)
+        out = awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.float32)
+        worst = max(worst, float((out - ref).norm() / ref.norm()))
     print(f"WORST {worst:.3e}")
 """)
 
@@ -66,6 +84,59 @@ def test_kernel_matches_reference_on_cuda(m):
             assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
             rel = float((out.float() - ref).norm() / ref.norm())
             assert rel < 1e-2, (m, n, k, split, rel)
+        if m <= 16:
+            from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+            for split in (1, 8):
+                for _ in range(3):
+                    out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, {"SPLIT_K": split})
+                    rel = float((out.float() - ref).norm() / ref.norm())
+                    assert out.dtype == torch.bfloat16 and rel < 1e-2, ("gemv", m, n, k, split, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 300])
+def test_many_tokens_dequantize_then_cublas_on_cuda(m):
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, awq_linear
+
+    t = random_awq(2560, 4096, 128, "cuda")
+    ref_w = reference.awq_dequantize(t["qweight"], t["qzeros"], t["scales"], 128, torch.bfloat16)
+    assert torch.equal(awq_dequantize(t["qweight"], t["qzeros"], t["scales"], 128, torch.bfloat16), ref_w)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"], 128)
+    out = awq_linear(x, t["qweight"], t["qzeros"], t["scales"], 128, {"w4a16_prefill_min_tokens": 64})
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_decode_config_picks_bucket_then_shape():
+    from qwentrt.engine.kernels.configs import default_kernel_configs
+    from qwentrt.engine.kernels.w4a16 import decode_config
+
+    a, b, c = ({"BLOCK_M": m, "SPLIT_K": 1} for m in (16, 32, 64))
+    configs = {"w4a16_decode": {"16": {"default": a, "6144x2560": c}, "64": {"default": b}}}
+    assert decode_config(configs, 1, 2560, 4096) is a
+    assert decode_config(configs, 16, 6144, 2560) is c
+    assert decode_config(configs, 17, 6144, 2560) is b
+    assert decode_config(configs, 500, 1, 1) is b  # past the largest bucket: the largest
+    assert decode_config({"w4a16_decode": {"default": a}}, 5, 1, 1) is a  # engines built before buckets
+    for cc in ("8.9", "9.0"):
+        cfg = default_kernel_configs(cc)
+        for m in (1, 16, 17, 64, 65, 256):
+            assert decode_config(cfg, m, 6144, 2560)["BLOCK_M"] >= min(m, 64)
+
+
+def test_tuning_candidates_and_shapes():
+    from qwentrt.config import Qwen3Config
+    from qwentrt.engine.tuning import candidate_configs, linear_shapes
+
+    for bucket in (16, 32, 64, 256):
+        cands = candidate_configs(bucket)
+        assert cands and all(c["BLOCK_M"] >= min(bucket, 64) and 128 % c["BLOCK_K"] == 0 for c in cands)
+    import json
+    from importlib.resources import files
+    cfg = Qwen3Config.from_hf(json.loads((files("qwentrt") / "data" / "qwen3-4b-instruct-2507.config.json").read_text()))
+    assert linear_shapes(cfg) == {"6144x2560": (6144, 2560), "2560x4096": (2560, 4096),
+                                  "19456x2560": (19456, 2560), "2560x9728": (2560, 9728)}
 
 
 def bench_linears(tokens=(1, 8, 32, 128), configs=None):

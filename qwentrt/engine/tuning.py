@@ -33,6 +33,14 @@ def candidate_configs(bucket: int) -> list[dict[str, int]]:
     return out
 
 
+def gemv_candidates() -> list[dict[str, int]]:
+    out = [{"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": w, "num_stages": 3}
+           for bn, sk, w in itertools.product((64, 128), (2, 4, 8, 16), (4,))]
+    out += [{"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 2, "num_stages": 3} for sk in (4, 8, 16)]
+    out += [{"BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": 8, "num_stages": 3} for sk in (4, 8)]
+    return out
+
+
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(N, K) of the decoder layer's four (fused) linears, keyed "NxK"."""
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -42,7 +50,7 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 def _random_weights(n: int, k: int, group: int, device) -> list[tuple[torch.Tensor, ...]]:
     bytes_one = k * n // 2 + 2 * (k // group) * n
-    copies = max(2, -(-L2_FLUSH_BYTES // bytes_one))
+    copies = max(2, min(64, -(-L2_FLUSH_BYTES // bytes_one)))
     out = []
     for _ in range(copies):
         qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k, n // 8), dtype=torch.int32, device=device)
@@ -100,6 +108,37 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
             total += best_ms
             log(f"  w4a16 {bucket:>4} tokens {key:>11}: {best_ms * 1e3:7.1f} us  {best}")
         gemm_ms[bucket] = total
+    # a few tokens: the GEMV (tuned at one token) while it beats the GEMM's smallest bucket
+    from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+    gemv: dict[str, Any] = {}
+    for key, (n, k) in shapes.items():
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        ws = weights[key]
+        best, best_ms = None, float("inf")
+        for c in gemv_candidates():
+            try:
+                ms = time_in_graph(lambda: [w4a16_gemv(x, *w, group_size, c) for w in ws]) / len(ws)
+            except Exception:
+                continue
+            if ms < best_ms:
+                best, best_ms = c, ms
+        gemv[key] = best
+        timings[f"gemv/1/{key}"] = round(best_ms * 1e3, 2)
+        log(f"  w4a16 gemv    1 token  {key:>11}: {best_ms * 1e3:7.1f} us  {best}")
+    gemv_max = 0
+    small = str(buckets[0])
+    for m in (1, 2, 4, 8):
+        t_gemv = t_gemm = 0.0
+        for key, (n, k) in shapes.items():
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ws = weights[key]
+            t_gemv += time_in_graph(lambda: [w4a16_gemv(x, *w, group_size, gemv[key]) for w in ws]) / len(ws)
+            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, decode[small][key]) for w in ws]) / len(ws)
+        timings[f"gemv_vs_gemm/{m}"] = {"gemv_us": round(t_gemv * 1e3, 1), "gemm_us": round(t_gemm * 1e3, 1)}
+        log(f"  w4a16 {m:>4} tokens, 4 linears: GEMV {t_gemv * 1e3:7.1f} us, GEMM {t_gemm * 1e3:7.1f} us")
+        if t_gemv >= t_gemm:
+            break
+        gemv_max = m
     # many tokens: the best GEMM config of the largest bucket against dequantize + cuBLAS
     prefill_min = None
     top = str(buckets[-1])
@@ -118,8 +157,9 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
     torch.cuda.empty_cache()
     for table in decode.values():
         table["default"] = table[max(shapes, key=lambda s: shapes[s][0] * shapes[s][1])]
-    return {"w4a16_decode": decode, "w4a16_prefill_min_tokens": prefill_min or 2 * PREFILL_CANDIDATES[-1],
-            "tuning_us": timings}
+    gemv["default"] = gemv[max(shapes, key=lambda s: shapes[s][0] * shapes[s][1])]
+    return {"w4a16_decode": decode, "w4a16_gemv": gemv, "w4a16_gemv_max_tokens": gemv_max,
+            "w4a16_prefill_min_tokens": prefill_min or 2 * PREFILL_CANDIDATES[-1], "tuning_us": timings}
 
 
 def tune(cfg, group_size: int, device: torch.device, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ if triton is not None:
     def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K,
                       stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr):
+                      SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee"):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -59,7 +59,7 @@ if triton is not None:
             z = (qz >> shifts) & 0xF
             s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(x.dtype)
-            acc += tl.dot(x, w)
+            acc += tl.dot(x, w, input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K == 1:
@@ -116,7 +116,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     _w4a16_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0),
                         scales.stride(0), out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
-                        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, num_warps=cfg["num_warps"],
+                        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                         num_stages=cfg["num_stages"])
     return out.to(x.dtype) if split > 1 else out
 
@@ -161,5 +162,10 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     m = x.shape[0]
     if m >= configs.get("w4a16_prefill_min_tokens", 512):
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
+    n, k = scales.shape[1], qweight.shape[0]
+    if m <= configs.get("w4a16_gemv_max_tokens", 0) and n % 8 == 0 and k % min(128, group_size) == 0:
+        from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+        gemv = configs.get("w4a16_gemv", {})
+        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv.get(f"{n}x{k}") or gemv.get("default"))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
