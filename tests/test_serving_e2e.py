@@ -12,27 +12,14 @@ import pytest
 tritonclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from qwentrt.serving.repository import write_repository  # noqa: E402
-from qwentrt.serving.server import ServerError, ServerOptions, TritonServer, find_tritonserver, free_port  # noqa: E402
+from qwentrt.serving.server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine, tmp_path_factory):
-    try:
-        find_tritonserver()
-    except ServerError as e:
-        pytest.skip(str(e))
-    root = tmp_path_factory.mktemp("serving")
-    repo = write_repository(tiny_engine, root / "repo", device="cpu")
-    srv = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port()), log_file=root / "triton.log")
-    srv.start()
-    try:
-        srv.wait_ready(("qwen3", "json_validator", "ensemble"), 180)
-        yield srv
-    finally:
-        srv.stop()
+def server(triton_server):
+    return triton_server  # the session's server (tests/conftest.py)
 
 
 def tensor(name, value, dtype):

@@ -61,7 +61,7 @@ _EXPLICIT = re.compile(r"\b(" + "|".join(_CODES) + r")\b")
 # mean "bad parameter" (PyTriton sends the model's traceback as the message).
 _BY_TEXT = [
     (re.compile(r"expected \d+ inputs|unexpected inference input|data-type is|unexpected shape"
-                r"|input byte size|BadParameterError|ValueError"), "INVALID_ARGUMENT"),
+                r"|input byte size|batch size does not match|BadParameterError|ValueError"), "INVALID_ARGUMENT"),
     (re.compile(r"unknown model|is not found|is not ready"), "NOT_FOUND"),
     (re.compile(r"[Cc]ancel"), "CANCELLED"),
 ]

@@ -13,9 +13,15 @@ from qwentrt.config import SamplingParams
 from qwentrt.engine.engine import LLMEngine, RequestOutput
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine has stopped for good (its loop failed, or too many steps failed in a row)."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_consecutive_faults: int = 3):
         self.engine = engine
+        self.max_consecutive_faults = max_consecutive_faults
+        self.dead: str | None = None  # why the engine stopped for good
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
@@ -27,14 +33,38 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stop:
-            with self._lock:
-                busy = self.engine.has_unfinished()
-                outputs = self.engine.step() if busy else []
+            try:
+                with self._lock:
+                    busy = self.engine.has_unfinished()
+                    outputs = self.engine.step() if busy else []
+            except Exception as e:  # outside the step's own fault handling: the engine's state is unknown
+                return self._fail(f"the engine loop failed: {type(e).__name__}: {e}")
             for out in outputs:
                 self._deliver(out)
+            if self.engine.consecutive_step_faults >= self.max_consecutive_faults:
+                return self._fail(f"{self.engine.consecutive_step_faults} engine steps failed in a row "
+                                  f"(last: {self.engine.last_step_fault})")
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+    def _fail(self, why: str) -> None:
+        """Stop for good: every unfinished request ends with an error, new ones get EngineUnavailable."""
+        with self._lock:
+            self.dead = why
+            try:
+                outputs = self.engine.fail_all(why)
+            except Exception:
+                outputs = []
+            ended = {o.request_id for o in outputs}  # whatever fail_all missed still gets its final output
+            outputs += [RequestOutput(rid, "", [], 0, 0, True, "error", error=why)
+                        for rid in list(self._streams) if rid not in ended]
+        for out in outputs:
+            self._deliver(out)
+
+    @property
+    def healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
 
     def _deliver(self, out: RequestOutput) -> None:
         callback = self._streams.get(out.request_id)
@@ -51,8 +81,10 @@ class AsyncEngine:
             params: SamplingParams | None = None, messages: list[dict] | None = None,
             prompt_ids: list[int] | None = None) -> None:
         """Add a request whose outputs go to `on_output` (called on the engine thread; keep it short).
-        Raises RequestError at once for bad input."""
-        with self._lock:
+        Raises RequestError at once for bad input, EngineUnavailable once the engine has stopped."""
+        with self._lock:  # (the loop sets `dead` under this lock: nothing is added to a dead engine)
+            if not self.healthy:
+                raise EngineUnavailable(self.dead or "the engine thread has stopped")
             self.engine.add_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
             self._streams[request_id] = on_output
         self._wake.set()

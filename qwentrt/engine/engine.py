@@ -81,6 +81,9 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_ids, self.device)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.num_step_faults = 0  # steps that failed (their requests ended with finish_reason "error")
+        self.consecutive_step_faults = 0  # failed steps since the last good one
+        self.last_step_fault: str | None = None
 
     # ---- tokenizer -------------------------------------------------------------------------------
     @property
@@ -108,7 +111,11 @@ class LLMEngine:
         bad = [m["role"] for m in messages if m["role"] not in roles]
         if bad:
             raise RequestError(f"messages: unknown role {bad[0]!r} (use system, user, assistant, tool)")
-        return self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokenizer = self.hf_tokenizer
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template refuses what the client sent (e.g. malformed tool_calls)
+            raise RequestError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})") from None
 
     @property
     def guided(self):
@@ -142,6 +149,9 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"input_ids: token ids must be within 0..{vocab - 1}")
         n = len(prompt_ids)
+        if n >= self.max_seq_len:
+            raise RequestError(f"text_input: the prompt is {n} tokens, over the limit of {self.max_seq_len - 1} "
+                               f"(max_seq_len {self.max_seq_len} includes at least one output token)")
         if n + params.max_tokens > self.max_seq_len:
             raise RequestError(f"max_tokens: the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                                f"max_seq_len {self.max_seq_len}")
@@ -177,6 +187,20 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every unfinished request with finish_reason "error" and `message` (the engine cannot go on)."""
+        outputs = []
+        for seq in list(self._seqs.values()):
+            seq.error = message
+            try:
+                self.scheduler.finish(seq, "error")
+            except Exception:  # the scheduler's state is what failed: end the request anyway
+                seq.finish_reason = seq.finish_reason or "error"
+            self._seqs.pop(seq.request_id, None)
+            outputs.append(self._output(seq, "", [], []))
+            outputs[-1].finished, outputs[-1].finish_reason = True, "error"
+        return outputs
+
     # ---- one step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -186,11 +210,15 @@ class LLMEngine:
             logits, sampling = self.runner.run(batch, self.block_manager)
             tokens, logprobs = self.sampler(logits, sampling)
         except Exception as e:  # a fault in the step fails its requests, not the engine
+            self.num_step_faults += 1
+            self.consecutive_step_faults += 1
+            self.last_step_fault = f"{type(e).__name__}: {e}"
             outputs = []
             for item in batch:
-                item.seq.error = f"{type(e).__name__}: {e}"
+                item.seq.error = self.last_step_fault
                 outputs.append(self._finish(item.seq, "error", ""))
             return outputs
+        self.consecutive_step_faults = 0
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
             self.block_manager.mark_computed(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed_tokens)
@@ -264,4 +292,4 @@ class LLMEngine:
                 "kv_pages_used": bm.num_used_blocks, "kv_pages_free": bm.num_free_blocks,
                 "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
                 "prefix_cache_query_tokens": bm.prefix_cache_query_tokens,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions, "step_faults": self.num_step_faults}

@@ -3,11 +3,21 @@ parsed and submitted as they arrive, and a sender thread that turns engine outpu
 
 The sender coalesces: when a stream produces tokens faster than responses can be sent (a decoupled
 Python-backend response costs ~0.1-0.3 ms), one response carries every token produced since the
-previous one. Cancelled requests are aborted (their KV pages freed) within one sender pass."""
+previous one. Cancelled requests are aborted (their KV pages freed) within one sender pass.
+
+Faults: a failed engine step ends the requests in it with INTERNAL (counted in qwentrt_step_faults_total);
+when the engine cannot go on (its loop failed, or `max_consecutive_step_faults` steps failed in a row)
+every request in flight gets a final error, new ones get UNAVAILABLE, qwentrt_engine_healthy drops to 0
+and, with `engine_failure: shutdown` (the default), the model asks tritonserver to shut down so that its
+readiness says the truth and a supervisor can restart it. At shutdown, requests still running after
+Triton's drain get a final UNAVAILABLE response: every accepted request gets a final response."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -16,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from qwentrt.engine.async_engine import AsyncEngine
+from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
+from qwentrt.serving import faults
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
@@ -35,6 +46,7 @@ class Stream:
     logprobs: list[float] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    tokens: int = 0
     last_token: float | None = None
 
 
@@ -42,11 +54,22 @@ class Qwen3Backend:
     def __init__(self, params: dict[str, str], pb_utils: Any, model_name: str = "qwen3"):
         self.pb = pb_utils
         device = params.get("device") or None
+        optional_int = lambda key: int(params[key]) if params.get(key) else None  # noqa: E731
         self.engine = LLMEngine(params["engine_dir"], device=device,
-                                allow_gpu_mismatch=params.get("allow_gpu_mismatch", "false") == "true")
+                                allow_gpu_mismatch=params.get("allow_gpu_mismatch", "false") == "true",
+                                num_blocks=optional_int("num_kv_blocks"), max_batch_size=optional_int("max_batch_size"))
         self.max_queue = int(params.get("max_queue_size", 4 * self.engine.max_batch_size))
         self.validator = params.get("json_validator_model", "json_validator")
-        self.service = AsyncEngine(self.engine)
+        self.on_engine_failure = params.get("engine_failure", "shutdown")
+        if self.on_engine_failure not in ("shutdown", "reject"):
+            raise ValueError(f"engine_failure: {self.on_engine_failure!r} is not shutdown or reject")
+        fault_spec = os.environ.get(faults.ENV) or params.get("fault_inject")
+        if fault_spec:
+            faults.install(self.engine, fault_spec)
+            print(f"qwentrt: WARNING: fault injection is on ({fault_spec}): for tests only", file=sys.stderr)
+        self.service = AsyncEngine(self.engine, int(params.get("max_consecutive_step_faults", 3)))
+        self._engine_down_seen = False
+        self._step_faults_seen = 0
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -62,15 +85,16 @@ class Qwen3Backend:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                if not self.service.healthy:
+                    raise EngineUnavailable(self.service.dead or "the engine thread has stopped")
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-                parsed = parse(inputs, self.engine.max_seq_len - 1)
-                if self.service.stats()["waiting"] >= self.max_queue:
+                parsed = parse(inputs, self.engine.max_seq_len - 1, _request_parameters(request))
+                if len(self.engine.scheduler.waiting) >= self.max_queue:  # no lock: refuse at once
                     self._reject(sender, f"server busy: {self.max_queue} requests already queued; retry later",
                                  pb.TritonError.UNAVAILABLE)
                     continue
                 rid = f"{request.request_id() or 'req'}#{next(self._ids)}"
                 stream = Stream(rid, sender, parsed, parsed.prompt or "")
-                self.metrics.requests.increment(1)
                 with self._lock:
                     self._streams[rid] = stream
                 try:
@@ -80,15 +104,20 @@ class Qwen3Backend:
                     with self._lock:
                         self._streams.pop(rid, None)
                     raise
+                self.metrics.requests.increment(1)
             except (BadRequest, RequestError) as e:
                 self._reject(sender, str(e), pb.TritonError.INVALID_ARG)
+            except EngineUnavailable as e:
+                self._reject(sender, f"the engine has stopped ({e}); the server needs a restart",
+                             pb.TritonError.UNAVAILABLE)
             except Exception as e:  # never let one request take the model down
                 self._reject(sender, f"{type(e).__name__}: {e}", pb.TritonError.INTERNAL)
         return None
 
-    def _reject(self, sender: Any, message: str, code: int) -> None:
+    def _reject(self, sender: Any, message: str, code: int, count: bool = True) -> None:
         """A final error response. gRPC streams carry only the message, so it starts with the code."""
-        self.metrics.rejected.increment(1)
+        if count:
+            self.metrics.rejected.increment(1)
         sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(f"[{self._code_name(code)}] {message}", code)),
                     flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -110,6 +139,7 @@ class Qwen3Backend:
             try:
                 self._send_pass()
                 last_gauges = self._gauges(last_gauges)
+                self._watch_engine()
             except Exception as e:  # the sender must outlive any one failure
                 print(f"qwentrt: sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -137,10 +167,25 @@ class Qwen3Backend:
 
     def _gauges(self, last_gauges: float) -> float:
         now = time.monotonic()
-        if now - last_gauges > 0.5:
-            self.metrics.update(self.service.stats())
+        if now - last_gauges > 0.2:
+            stats = self.service.stats()
+            self.metrics.update(stats)
+            faults_now = stats.get("step_faults", 0)
+            self.metrics.step_faults.increment(faults_now - self._step_faults_seen)
+            self._step_faults_seen = faults_now
             last_gauges = now
         return last_gauges
+
+    def _watch_engine(self) -> None:
+        """Once the engine has stopped for good: say so, and (engine_failure: shutdown) stop tritonserver."""
+        if self._engine_down_seen or self.service.healthy or self._stop:
+            return
+        self._engine_down_seen = True
+        why = self.service.dead or "the engine thread has stopped"
+        self.metrics.healthy.set(0)
+        print(f"qwentrt: the engine cannot go on: {why}", file=sys.stderr)
+        if self.on_engine_failure == "shutdown":
+            _stop_tritonserver(why)
 
     def _drop(self, stream: Stream) -> None:
         with self._lock:
@@ -164,6 +209,7 @@ class Qwen3Backend:
                 self.metrics.itl.observe((now - stream.last_token) / new_tokens)
             stream.last_token = now
         self.metrics.tokens_out.increment(new_tokens)
+        stream.tokens += new_tokens
         stream.text += delta
         for o in outputs:
             stream.logprobs.extend(o.logprobs)
@@ -172,6 +218,7 @@ class Qwen3Backend:
                 self._streams.pop(stream.request_id, None)
             self.metrics.tokens_in.increment(last.num_prompt_tokens)
             if last.finish_reason == "error":
+                self.metrics.failed.increment(1)
                 stream.sender.send(pb.InferenceResponse(error=pb.TritonError(
                     f"[INTERNAL] generation failed: {last.error}", pb.TritonError.INTERNAL)),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -222,9 +269,27 @@ class Qwen3Backend:
         return valid, errors.decode("utf-8") if isinstance(errors, bytes) else str(errors)
 
     def shutdown(self) -> None:
+        """Called once Triton has drained (or its exit timeout has passed): send what the engine has
+        produced, then end every request still running with a final UNAVAILABLE response."""
         self._stop = True
         self._wake.set()
         self._sender.join(timeout=5)
+        try:
+            self._send_pass()
+        except Exception as e:
+            print(f"qwentrt: last sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
+        with self._lock:
+            live = list(self._streams.values())
+        for stream in live:
+            self.service.abort(stream.request_id)
+            with self._lock:
+                self._streams.pop(stream.request_id, None)
+            try:
+                self._reject(stream.sender, f"the server is shutting down: the request stopped after "
+                             f"{stream.tokens} tokens; retry on a running server",
+                             self.pb.TritonError.UNAVAILABLE, count=False)
+            except Exception:
+                pass
         self.service.shutdown()
 
 
@@ -249,6 +314,13 @@ class _Metrics:
         self.cancelled = metric("qwentrt_requests_cancelled_total", "Requests cancelled by their client", fam.COUNTER)
         self.tokens_in = metric("qwentrt_prompt_tokens_total", "Prompt tokens of finished requests", fam.COUNTER)
         self.tokens_out = metric("qwentrt_generated_tokens_total", "Generated tokens", fam.COUNTER)
+        self.failed = metric("qwentrt_requests_failed_total", "Accepted requests ended by a server fault (INTERNAL)",
+                             fam.COUNTER)
+        self.step_faults = metric("qwentrt_step_faults_total", "Engine steps that failed (their requests failed)",
+                                  fam.COUNTER)
+        self.healthy = metric("qwentrt_engine_healthy", "1 while the engine runs, 0 once it has stopped for good",
+                              fam.GAUGE)
+        self.healthy.set(1)
         self.gauges = {k: metric(f"qwentrt_{k}", desc, fam.GAUGE) for k, desc in {
             "running": "Requests running", "waiting": "Requests waiting", "kv_pages_used": "KV pages in use",
             "kv_pages_free": "KV pages free", "prefix_cache_hit_tokens": "Prompt tokens served from the prefix cache",
@@ -265,6 +337,29 @@ class _Metrics:
     def update(self, stats: dict[str, int]) -> None:
         for key, gauge in self.gauges.items():
             gauge.set(stats.get(key, 0))
+
+
+def _request_parameters(request: Any) -> dict[str, Any]:
+    """The request's parameters map (Triton hands it to the model as JSON)."""
+    get = getattr(request, "parameters", None)
+    raw = get() if get is not None else None
+    return json.loads(raw) if raw else {}
+
+
+def _stop_tritonserver(why: str) -> None:
+    """Ask the tritonserver running this model to shut down (it drains, then exits): its readiness turns
+    false at once. Only when the parent process is tritonserver (the Python backend's stub)."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/comm", encoding="utf-8") as f:
+            parent = f.read().strip()
+    except OSError:
+        parent = ""
+    if not parent.startswith("tritonserver"):
+        print(f"qwentrt: not stopping the parent process ({parent or ppid!r} is not tritonserver)", file=sys.stderr)
+        return
+    print(f"qwentrt: stopping tritonserver (pid {ppid}): {why}", file=sys.stderr)
+    os.kill(ppid, signal.SIGTERM)
 
 
 class _NoHistogram:

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from qwentrt.config import EngineConfig
+from qwentrt.errors import QwentrtError
 from qwentrt.serving.request import INPUTS
 
 DTYPES = {"text": "TYPE_STRING", "texts": "TYPE_STRING", "bool": "TYPE_BOOL", "float": "TYPE_FP32",
@@ -27,6 +28,19 @@ OUTPUTS = [("text_output", "TYPE_STRING", "[ -1 ]"), ("num_input_tokens", "TYPE_
            ("cum_log_probs", "TYPE_FP32", "[ -1 ]"), ("output_log_probs", "TYPE_FP32", "[ -1 ]"),
            ("batch_index", "TYPE_INT32", "[ 1 ]"), ("sequence_index", "TYPE_INT32", "[ 1 ]"),
            ("json_valid", "TYPE_BOOL", "[ 1 ]"), ("json_errors", "TYPE_STRING", "[ 1 ]")]
+
+
+# The `qwen3` model's parameters (config.pbtxt `parameters`), read by qwentrt.serving.qwen3_backend.
+QWEN3_PARAMETERS = {
+    "engine_dir": "the engine folder", "device": "cuda or cpu", "allow_gpu_mismatch": "true: run on another GPU",
+    "max_queue_size": "requests waiting beyond this get UNAVAILABLE at once [4 x max_batch_size]",
+    "max_batch_size": "requests running at once [the engine's limit]",
+    "num_kv_blocks": "KV pages [what the memory plan gives]",
+    "json_validator_model": "the model that checks schema-guided outputs",
+    "engine_failure": "shutdown (stop tritonserver when the engine cannot go on) or reject (stay up, UNAVAILABLE)",
+    "max_consecutive_step_faults": "failed steps in a row after which the engine counts as stopped [3]",
+    "fault_inject": "tests only: see qwentrt/serving/faults.py",
+}
 
 
 def python_paths() -> list[str]:
@@ -59,10 +73,12 @@ def _params(params: dict[str, str]) -> str:
                      for k, v in params.items())
 
 
-def qwen3_config(engine: EngineConfig, engine_dir: Path, device: str, max_queue_size: int) -> str:
+def qwen3_config(engine: EngineConfig, engine_dir: Path, device: str, max_queue_size: int,
+                 extra: dict[str, str] | None = None) -> str:
     kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
     params = {"engine_dir": str(engine_dir.resolve()), "device": device, "max_queue_size": str(max_queue_size),
-              "json_validator_model": "json_validator"}
+              "json_validator_model": "json_validator", "engine_failure": "shutdown",
+              "max_consecutive_step_faults": "3", **(extra or {})}
     return f"""# Written by `qwentrt repo` from {engine_dir}: the engine's limits are enforced by the model.
 name: "qwen3"
 backend: "python"
@@ -113,8 +129,13 @@ instance_group [ { count: 1, kind: KIND_CPU } ]
 
 
 def write_repository(engine_dir: str | Path, out: str | Path, device: str | None = None,
-                     max_queue_size: int | None = None, ensemble: bool = True) -> Path:
-    """Write (or overwrite) the model repository for an engine; returns its path."""
+                     max_queue_size: int | None = None, ensemble: bool = True,
+                     params: dict[str, str] | None = None) -> Path:
+    """Write (or overwrite) the model repository for an engine; returns its path. `params`: more `qwen3`
+    model parameters (QWEN3_PARAMETERS), e.g. {"num_kv_blocks": "64"}."""
+    unknown = sorted(set(params or {}) - set(QWEN3_PARAMETERS))
+    if unknown:
+        raise QwentrtError(f"unknown qwen3 model parameter(s) {', '.join(unknown)} (known: {', '.join(QWEN3_PARAMETERS)})")
     engine_dir = Path(engine_dir)
     engine = EngineConfig.load(engine_dir)
     if device is None:
@@ -123,7 +144,7 @@ def write_repository(engine_dir: str | Path, out: str | Path, device: str | None
     out = Path(out)
     env = json.dumps({"sys_path": python_paths(), "python": sys.version.split()[0]}, indent=2)
     models = {"qwen3": ("qwen3.py", qwen3_config(engine, engine_dir, device,
-                                                 max_queue_size or 4 * engine.limits.max_batch_size)),
+                                                 max_queue_size or 4 * engine.limits.max_batch_size, params)),
               "json_validator": ("json_validator.py", VALIDATOR_CONFIG)}
     for name, (source, config) in models.items():
         version = out / name / "1"

@@ -28,6 +28,10 @@ MAX_TEXT_BYTES = 4 << 20
 MAX_WORDS = 64
 
 
+TENSOR_OF = {"stop": "stop_words", "logprobs": "return_log_probs", "guide": "guided_decoding_guide",
+             "guide_type": "guided_decoding_guide_type"}  # SamplingParams field -> input tensor
+
+
 class BadRequest(ValueError):
     """INVALID_ARG for the client: the message names the tensor."""
 
@@ -42,6 +46,30 @@ class ParsedRequest:
     guide_type: str | None = None
     schema: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_schema(guide: str) -> None:
+    """A JSON schema that is not JSON, not a schema, or admits no value at all: INVALID_ARG now."""
+    from jsonschema import Draft202012Validator, SchemaError
+
+    from qwentrt.serving.json_validator import admits_nothing
+    try:
+        schema = json.loads(guide)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"guided_decoding_guide: not valid JSON ({e.msg} at {e.pos})") from None
+    except RecursionError:
+        raise BadRequest("guided_decoding_guide: nested too deeply") from None
+    if not isinstance(schema, (dict, bool)):
+        raise BadRequest(f"guided_decoding_guide: a JSON schema is an object or a boolean, got {type(schema).__name__}")
+    try:
+        Draft202012Validator.check_schema(schema)
+        why = admits_nothing(schema)
+    except SchemaError as e:
+        raise BadRequest(f"guided_decoding_guide: invalid JSON schema: {e.message}") from None
+    except RecursionError:
+        raise BadRequest("guided_decoding_guide: the schema is nested too deeply") from None
+    if why:
+        raise BadRequest(f"guided_decoding_guide: the JSON schema admits no value, so no output can satisfy it: {why}")
 
 
 def _scalar(name: str, kind: str, arr: np.ndarray) -> Any:
@@ -81,11 +109,17 @@ def _text(name: str, value: Any) -> str:
     raise BadRequest(f"{name}: expected BYTES (a string), got {type(value).__name__}")
 
 
-def parse(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest:
-    """`inputs`: tensor name -> numpy array (batch dim included, one request)."""
+def parse(inputs: dict[str, np.ndarray], max_tokens_limit: int,
+          parameters: dict[str, Any] | None = None) -> ParsedRequest:
+    """`inputs`: tensor name -> numpy array (batch dim included, one request); `parameters`: the request's
+    parameters map, where qwentrt takes nothing (Triton's own `triton_...` ones are let through)."""
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
         raise BadRequest(f"unknown input(s) {', '.join(unknown)}")
+    unknown = sorted(k for k in parameters or {} if not k.startswith("triton_"))
+    if unknown:
+        raise BadRequest(f"parameters: unknown request parameter(s) {', '.join(map(repr, unknown))}: qwentrt takes "
+                         f"its options as input tensors (e.g. max_tokens, temperature, top_p, stop_words)")
     values: dict[str, Any] = {}
     for name, arr in inputs.items():
         kind, _ = INPUTS[name]
@@ -108,10 +142,12 @@ def parse(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest
             messages = json.loads(values["messages"])
         except json.JSONDecodeError as e:
             raise BadRequest(f"messages: not valid JSON ({e.msg} at {e.pos})") from None
+        except RecursionError:
+            raise BadRequest("messages: nested too deeply") from None
     elif prompt is None:
         raise BadRequest("text_input: required (or messages)")
     elif prompt == "":
-        raise BadRequest("text_input: the prompt is empty")
+        raise BadRequest("text_input: the prompt is empty (it needs at least 1 token)")
     if values.get("beam_width", 1) != 1:
         raise BadRequest(f"beam_width: only 1 is supported, got {values['beam_width']}")
     if values.get("num_return_sequences", 1) != 1:
@@ -127,6 +163,8 @@ def parse(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest
         raise BadRequest("guided_decoding_guide: needs guided_decoding_guide_type")
     if guide_type not in (None, "json") and not guide:
         raise BadRequest(f"guided_decoding_guide: required for guide type {guide_type}")
+    if guide_type == "json_schema":
+        _check_schema(guide)
     stop_ids = [values["end_id"]] if "end_id" in values else []
     params = SamplingParams(
         max_tokens=values["max_tokens"], min_tokens=values.get("min_tokens", 0),
@@ -142,8 +180,9 @@ def parse(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest
         params.temperature = 0.0
     try:
         params.validate(max_tokens_limit)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
+    except ValueError as e:  # name the tensor, not the SamplingParams field
+        field_name, sep, why = str(e).partition(": ")
+        raise BadRequest(f"{TENSOR_OF.get(field_name, field_name)}{sep}{why}") from None
     return ParsedRequest(prompt if messages is None else None, messages, params, values.get("stream", False),
                          values.get("exclude_input_in_output", False), guide_type,
                          guide if guide_type == "json_schema" else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -76,6 +77,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Triton's protocol groups that can change the server or read its files and memory: never open to
+# whoever can reach the port. Model control is off too (--model-control-mode=none).
+RESTRICTED = "model-repository,model-config,shared-memory,logging,trace"
+KEY_HEADER = "qwentrt-key"
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{KEY_HEADER}"  # what gRPC clients send (Triton adds the prefix)
+
+
 @dataclass
 class ServerOptions:
     repository: Path
@@ -85,8 +93,12 @@ class ServerOptions:
     host: str = "127.0.0.1"
     log_verbose: int = 0
     exit_timeout_s: int = 30
-    restricted_key: str | None = None  # header value for the restricted protocol groups
+    # Key for the restricted protocol groups (RESTRICTED): gRPC clients send it as header
+    # triton-grpc-protocol-qwentrt-key, HTTP clients as qwentrt-key. None: a random key nobody knows,
+    # so that those groups are locked.
+    restricted_key: str | None = None
     extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # added to tritonserver's environment
 
 
 class TritonServer:
@@ -98,6 +110,7 @@ class TritonServer:
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._lock_key = secrets.token_urlsafe(32)  # used when no key is given: the groups stay locked
 
     @property
     def grpc_url(self) -> str:
@@ -119,14 +132,13 @@ class TritonServer:
                f"--exit-timeout-secs={o.exit_timeout_s}", f"--log-verbose={o.log_verbose}", "--allow-metrics=true"]
         if self.binary.backend_dir is not None:
             cmd.append(f"--backend-directory={self.binary.backend_dir}")
-        if o.restricted_key:
-            groups = "model-repository,model-config,shared-memory,logging,trace"
-            cmd += [f"--grpc-restricted-protocol={groups}:qwentrt-key={o.restricted_key}",
-                    f"--http-restricted-api={groups}:qwentrt-key={o.restricted_key}"]
+        key = o.restricted_key or self._lock_key
+        cmd += [f"--grpc-restricted-protocol={RESTRICTED}:{KEY_HEADER}={key}",
+                f"--http-restricted-api={RESTRICTED}:{KEY_HEADER}={key}"]
         return cmd + list(o.extra_args)
 
     def start(self) -> "TritonServer":
-        env = dict(os.environ, **self.binary.env)
+        env = dict(os.environ, **self.binary.env, **self.options.env)
         self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

@@ -1,5 +1,6 @@
 """Triton Python-backend model `json_validator`, copied into the repository by `qwentrt repo`:
-inputs `text` and `schema` (BYTES), outputs `valid` (BOOL) and `errors` (BYTES, one per line)."""
+inputs `text` and `schema` (BYTES, [batch, 1]), outputs `valid` (BOOL) and `errors` (BYTES, one per line)
+per row. Bad input (not UTF-8, a schema that is not JSON or not a schema) is INVALID_ARG."""
 
 import json
 import os
@@ -35,27 +36,29 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                text = self._text(request, "text")
-                schema = self._text(request, "schema")
-                valid, errors = self.validate(text, schema)
+                texts, schemas = self._texts(request, "text"), self._texts(request, "schema")
+                if len(texts) != len(schemas):
+                    raise ValueError(f"text and schema: {len(texts)} texts but {len(schemas)} schemas")
+                rows = [self.validate(t, s) for t, s in zip(texts, schemas)]
                 responses.append(pb_utils.InferenceResponse([
-                    pb_utils.Tensor("valid", np.array([[valid]], dtype=np.bool_)),
-                    pb_utils.Tensor("errors", np.array([["\n".join(errors).encode("utf-8")]], dtype=np.object_))]))
+                    pb_utils.Tensor("valid", np.array([[v] for v, _ in rows], dtype=np.bool_)),
+                    pb_utils.Tensor("errors", np.array([["\n".join(e).encode("utf-8")] for _, e in rows],
+                                                       dtype=np.object_))]))
             except (self.InvalidSchema, ValueError) as e:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
         return responses
 
     @staticmethod
-    def _text(request, name):
+    def _texts(request, name):
+        """One string per batch row ([batch, 1])."""
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             raise ValueError(f"{name}: required")
-        arr = tensor.as_numpy()
-        if arr.size != 1:
-            raise ValueError(f"{name}: expected one string per request, got shape {list(arr.shape)}")
-        value = arr.reshape(-1)[0]
-        try:
-            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{name}: not valid UTF-8 (byte {e.start})") from None
+        out = []
+        for i, value in enumerate(tensor.as_numpy().reshape(-1)):
+            try:
+                out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{name}: not valid UTF-8 (row {i}, byte {e.start})") from None
+        return out
