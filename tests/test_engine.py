@@ -214,3 +214,24 @@ def test_generate_cli_streams(bf16_engine):
     assert "8 output tokens, finish: length" in result.output
     bad = CliRunner().invoke(main, args + ["--top-p", "1.5"])
     assert bad.exit_code == 2 and "top_p: must be in (0, 1]" in bad.output
+
+
+def test_requests_and_stats_get_in_while_the_engine_loop_is_busy(bf16_engine):
+    """The loop steps back to back while a long generation runs; a second request must still be added
+    (and stream) long before the first ends, and stats must answer, not wait for the loop to go idle."""
+    import threading
+
+    aeng = AsyncEngine(make(bf16_engine))
+    first_done = threading.Event()
+    second_first_output = []
+    try:
+        aeng.add("long", lambda out: first_done.set() if out.finished else None,
+                 prompt="A long one", params=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+        aeng.stats()
+        aeng.add("short", lambda out: second_first_output.append(first_done.is_set()),
+                 prompt="A short one", params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert aeng.stats()["running"] + aeng.stats()["waiting"] >= 1
+        assert first_done.wait(timeout=600)
+        assert second_first_output and second_first_output[0] is False  # it streamed while the long one ran
+    finally:
+        aeng.shutdown()

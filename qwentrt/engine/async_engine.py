@@ -5,8 +5,10 @@ takes a callback instead, called on the engine thread (the Triton model uses tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from qwentrt.config import SamplingParams
@@ -22,7 +24,13 @@ class AsyncEngine:
         self.engine = engine
         self.max_consecutive_faults = max_consecutive_faults
         self.dead: str | None = None  # why the engine stopped for good
+        # The engine loop holds _lock during each step. Other threads (add, abort, stats) take it through
+        # _turn(): they say they are waiting, and the loop lets them in between two steps; a plain lock
+        # would let the loop take it back at once, step after step (seen: requests waiting for a whole
+        # generation to finish before being added, streams sent in one piece at the end).
         self._lock = threading.Lock()
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
@@ -41,6 +49,8 @@ class AsyncEngine:
                 return self._fail(f"the engine loop failed: {type(e).__name__}: {e}")
             for out in outputs:
                 self._deliver(out)
+            while self._waiting and not self._stop:  # let add / abort / stats in before the next step
+                time.sleep(0)
             if self.engine.consecutive_step_faults >= self.max_consecutive_faults:
                 return self._fail(f"{self.engine.consecutive_step_faults} engine steps failed in a row "
                                   f"(last: {self.engine.last_step_fault})")
@@ -62,6 +72,21 @@ class AsyncEngine:
         for out in outputs:
             self._deliver(out)
 
+    @contextlib.contextmanager
+    def _turn(self):
+        """The engine lock, for threads other than the loop (fair: the loop waits for them)."""
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     @property
     def healthy(self) -> bool:
         return self.dead is None and self._thread.is_alive()
@@ -82,7 +107,7 @@ class AsyncEngine:
             prompt_ids: list[int] | None = None) -> None:
         """Add a request whose outputs go to `on_output` (called on the engine thread; keep it short).
         Raises RequestError at once for bad input, EngineUnavailable once the engine has stopped."""
-        with self._lock:  # (the loop sets `dead` under this lock: nothing is added to a dead engine)
+        with self._turn():  # (the loop sets `dead` under this lock: nothing is added to a dead engine)
             if not self.healthy:
                 raise EngineUnavailable(self.dead or "the engine thread has stopped")
             self.engine.add_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
@@ -101,7 +126,7 @@ class AsyncEngine:
         return request_id, queue
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
+        with self._turn():
             self.engine.abort(request_id)
             self._streams.pop(request_id, None)
 
@@ -120,7 +145,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
+        with self._turn():
             return self.engine.stats()
 
     def shutdown(self) -> None:
