@@ -1,0 +1,29 @@
+#!/bin/bash
+# On the GPU machine, one call (carry [".carry"]): synth + build the 4b engine without tuning, take the
+# kernel configs tuned on this H100 in an earlier build (scripts/device/h100_kernels.json, from
+# `qwentrt build --tune`), then `qwentrt bench` engine-direct and served at 1000/1000 over the
+# concurrency sweep, and perf_analyzer at concurrency 64. Results under $OUT/bench-*.
+set -uo pipefail
+eval "$(bash .carry/setup.sh)"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export QWENTRT_TRITONSERVER=$(command -v run-tritonserver)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1
+python3 -m qwentrt.cli build /tmp/ckpt-4b -o /tmp/engine-4b --force --quiet --tune off --calib-samples 8 \
+  --calib-seqlen 256 | head -3
+python3 - <<'PY'
+import json
+p = "/tmp/engine-4b/engine.json"
+e = json.load(open(p))
+e["kernels"] = json.load(open("scripts/device/h100_kernels.json"))
+json.dump(e, open(p, "w"), indent=1)
+PY
+keep() { mkdir -p "$OUT/$2"; cp "$1"/report.md "$1"/*.png "$OUT/$2/" 2>/dev/null; gzip -c "$1/results.json" > "$OUT/$2/results.json.gz"; }
+timeout -s INT ${LIMIT1:-330} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 1000 -c ${CONC:-1,16,64,256} \
+  --duration ${DURATION:-8} --point-timeout 120 --mode both -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
+keep /tmp/bench-main bench-main
+timeout -s INT ${LIMIT2:-150} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 200 -c 64 -n 64 --mode served \
+  --perf-analyzer --perf-analyzer-ms 8000 -o /tmp/bench-pa 2>&1 | grep -v "Warning\|warn" | tail -25
+keep /tmp/bench-pa bench-pa
+cp -r /tmp/bench-pa/perf_analyzer "$OUT/bench-pa/" 2>/dev/null
+ls -R "$OUT" | head -30
