@@ -60,7 +60,7 @@ _EXPLICIT = re.compile(r"\b(" + "|".join(_CODES) + r")\b")
 # Triton's wording when it rejects a request before the model runs, and Python exceptions that
 # mean "bad parameter" (PyTriton sends the model's traceback as the message).
 _BY_TEXT = [
-    (re.compile(r"expected \d+ inputs|unexpected inference input|data-type is|unexpected shape"
+    (re.compile(r"expected \d+ inputs|expected number of inputs|unexpected inference input|data-type is|unexpected shape"
                 r"|input byte size|batch size does not match|BadParameterError|ValueError"), "INVALID_ARGUMENT"),
     (re.compile(r"unknown model|is not found|is not ready"), "NOT_FOUND"),
     (re.compile(r"[Cc]ancel"), "CANCELLED"),

@@ -5,6 +5,7 @@ takes a callback instead, called on the engine thread (the Triton model uses tha
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import threading
@@ -33,6 +34,7 @@ class AsyncEngine:
         self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
+        self._aborts: collections.deque[str] = collections.deque()  # applied by the loop before its next step
         self._ids = itertools.count()
         self._stop = False
         self.error: BaseException | None = None
@@ -43,6 +45,8 @@ class AsyncEngine:
         while not self._stop:
             try:
                 with self._lock:
+                    while self._aborts:
+                        self.engine.abort(self._aborts.popleft())
                     busy = self.engine.has_unfinished()
                     outputs = self.engine.step() if busy else []
             except Exception as e:  # outside the step's own fault handling: the engine's state is unknown
@@ -126,9 +130,11 @@ class AsyncEngine:
         return request_id, queue
 
     def abort(self, request_id: str) -> None:
-        with self._turn():
-            self.engine.abort(request_id)
-            self._streams.pop(request_id, None)
+        """Stop a request: no output from now on; its KV pages are freed before the next step. Never waits
+        for the step running now, so that hundreds of cancellations cost one step, not one step each."""
+        self._streams.pop(request_id, None)
+        self._aborts.append(request_id)
+        self._wake.set()
 
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        messages: list[dict] | None = None, request_id: str | None = None
