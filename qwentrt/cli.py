@@ -307,10 +307,13 @@ def probe(url: str, n: int, concurrency: int, prompt_len: int, output_len: int, 
 @click.option("--prompt-len", type=int, default=1000, show_default=True, help="Prompt tokens.")
 @click.option("--output-len", type=int, default=1000, show_default=True, help="Output tokens (forced).")
 @click.option("--measurement-ms", type=int, default=20000, show_default=True)
+@click.option("--api-key", envvar="QWENTRT_API_KEY", default=None,
+              help="The server's restricted-protocol key (`qwentrt serve --api-key`): perf_analyzer reads the "
+                   "model config, a restricted group. [env QWENTRT_API_KEY]")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("build/perf_analyzer"), show_default=True)
 def perf_analyzer_cmd(url: str, concurrency: str, prompt_len: int, output_len: int, measurement_ms: int,
-                      out_dir: Path) -> None:
+                      api_key: str | None, out_dir: Path) -> None:
     """Run perf_analyzer (streaming, gRPC) against the qwen3 model over a concurrency sweep; keeps its CSVs."""
     from qwentrt.bench import perf_analyzer
 
@@ -318,7 +321,8 @@ def perf_analyzer_cmd(url: str, concurrency: str, prompt_len: int, output_len: i
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
         if not levels or min(levels) < 1:
             raise QwentrtError(f"--concurrency: positive integers separated by commas, got {concurrency!r}")
-        rows = perf_analyzer.run(url, out_dir, levels, prompt_len, output_len, measurement_ms=measurement_ms)
+        rows = perf_analyzer.run(url, out_dir, levels, prompt_len, output_len, measurement_ms=measurement_ms,
+                                 api_key=api_key)
     except ValueError:
         _fail(QwentrtError(f"--concurrency: positive integers separated by commas, got {concurrency!r}"))
     except QwentrtError as e:

@@ -22,3 +22,12 @@ def test_input_data_and_command(tmp_path):
     json.dumps(data)  # serializable
     cmd = perf_analyzer.command("127.0.0.1:8001", tmp_path / "d.json", tmp_path / "o.csv", 64)
     assert "--streaming" in cmd and "--concurrency-range=64:64" in cmd and "-i" in cmd and "grpc" in cmd
+
+
+def test_command_sends_the_restricted_protocol_key_as_a_header(tmp_path):
+    from qwentrt.bench.perf_analyzer import command
+    from qwentrt.serving.server import GRPC_KEY_HEADER
+
+    cmd = command("127.0.0.1:8001", tmp_path / "d.json", tmp_path / "c.csv", 64, api_key="s3cret")
+    assert cmd[cmd.index("-H") + 1] == f"{GRPC_KEY_HEADER}:s3cret" and "--streaming" in cmd
+    assert "-H" not in command("127.0.0.1:8001", tmp_path / "d.json", tmp_path / "c.csv", 64)

@@ -5,6 +5,8 @@ client's: when each streamed response arrived."""
 
 from __future__ import annotations
 
+import secrets
+
 import asyncio
 import time
 from pathlib import Path
@@ -32,7 +34,9 @@ class Served:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         repo = write_repository(self.cfg.engine_dir, self.folder / "model_repository", device=self.device)
-        self.server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port()),
+        self.api_key = secrets.token_urlsafe(16)  # perf_analyzer reads the model config (a restricted group)
+        self.server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port(),
+                                                 restricted_key=self.api_key),
                                    log_file=self.folder / "tritonserver.log")
         self.server.start()
         try:
@@ -148,7 +152,7 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log, o
                 if r.get("interrupted"):
                     raise KeyboardInterrupt
             if cfg.perf_analyzer:
-                pa = run_perf_analyzer(cfg, served.url, out / "perf_analyzer", log)
+                pa = run_perf_analyzer(cfg, served.url, out / "perf_analyzer", log, served.api_key)
     except Exception as e:
         log(f"served: {_error_text(e)}")
         done = {(r["isl"], r["osl"], r["concurrency"]) for r in results}
@@ -163,7 +167,7 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log, o
     return results, pa
 
 
-def run_perf_analyzer(cfg: BenchConfig, url: str, out: Path, log: Log) -> dict:
+def run_perf_analyzer(cfg: BenchConfig, url: str, out: Path, log: Log, api_key: str | None = None) -> dict:
     """perf_analyzer's streaming sweep over the same grid, kept beside the results (its CSVs and logs)."""
     import shutil
 
@@ -179,7 +183,8 @@ def run_perf_analyzer(cfg: BenchConfig, url: str, out: Path, log: Log) -> dict:
         folder = out / f"isl{isl}_osl{osl}"
         log(f"perf_analyzer: ISL {isl} / OSL {osl}, concurrency {cfg.concurrency} -> {folder}")
         try:
-            rows = perf_analyzer.run(url, folder, cfg.concurrency, isl, osl, measurement_ms=cfg.perf_analyzer_ms)
+            rows = perf_analyzer.run(url, folder, cfg.concurrency, isl, osl, measurement_ms=cfg.perf_analyzer_ms,
+                                     api_key=api_key)
             runs.append({"isl": isl, "osl": osl, "dir": str(folder), "rows": rows})
         except Exception as e:
             runs.append({"isl": isl, "osl": osl, "dir": str(folder), "error": _error_text(e)})
