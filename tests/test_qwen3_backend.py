@@ -148,3 +148,89 @@ def test_cancelled_request_is_aborted(backend):
     wait(s.done)
     wait(lambda: backend.service.stats()["running"] == 0 and backend.service.stats()["kv_pages_used"] == 0, 5)
     assert backend.metrics.cancelled.value == 1
+
+
+def _backend(tiny_engine, **params):
+    return Qwen3Backend({"engine_dir": str(tiny_engine), "device": "cpu", "allow_gpu_mismatch": "true", **params},
+                        FakePb)
+
+
+def _error(sender):
+    (resp, flags), = [(r, f) for r, f in sender.sent if r is not None and r.error is not None]
+    assert flags == FINAL
+    return resp.error
+
+
+def test_step_faults_fail_their_requests_with_internal_and_are_counted(tiny_engine):
+    b = _backend(tiny_engine, fault_inject="step:every=3")
+    try:
+        senders = [FakeSender() for _ in range(3)]
+        for s in senders:
+            b.execute([req(s, "Hello", 20)])
+            wait(s.done)
+        errors = [_error(s) for s in senders if any(r is not None and r.error for r, _ in s.sent)]
+        assert errors and all(e.code == FakeError.INTERNAL and e.message.startswith(
+            "[INTERNAL] generation failed: InjectedFault: injected fault (step:every=3") for e in errors)
+        wait(lambda: b.metrics.step_faults.value > 0, 5)
+        assert b.metrics.failed.value == len(errors) and b.service.healthy and b.metrics.healthy.value == 1
+    finally:
+        b.shutdown()
+
+
+@pytest.mark.parametrize("spec,why", [("step:after=1", "3 engine steps failed in a row"),
+                                      ("loop:after=1", "the engine loop failed: InjectedFault")])
+def test_an_engine_that_cannot_go_on_fails_requests_in_flight_and_refuses_new_ones(tiny_engine, spec, why):
+    b = _backend(tiny_engine, fault_inject=spec, engine_failure="reject")
+    try:
+        for _ in range(6):  # step:after=1: each request's steps fail, until 3 in a row stop the engine
+            s = FakeSender()
+            b.execute([req(s, "Hello", 200)])
+            wait(s.done)
+            assert _error(s).code == FakeError.INTERNAL and "generation failed" in _error(s).message
+            time.sleep(0.1)
+            if not b.service.healthy:
+                break
+        assert not b.service.healthy
+        wait(lambda: b.metrics.healthy.value == 0, 5)
+        late = FakeSender()
+        b.execute([req(late, "Hello", 5)])
+        error = _error(late)
+        assert error.code == FakeError.UNAVAILABLE and why in error.message and "needs a restart" in error.message
+    finally:
+        b.shutdown()
+
+
+def test_drain_lets_short_requests_finish_and_ends_long_ones_with_unavailable(backend):
+    short, long = FakeSender(), FakeSender()
+    backend.execute([req(short, "Hello", 8), req(long, "Hello", 3000)])
+    wait(lambda: len(long.sent) >= 1)
+    backend.drain_s = 1.5
+    backend.begin_drain("test")
+    refused = FakeSender()
+    backend.execute([req(refused, "Hello", 5)])
+    assert _error(refused).code == FakeError.UNAVAILABLE and "shutting down" in _error(refused).message
+    wait(short.done)
+    assert short.sent[-1][0].outputs["finish_reason"].reshape(-1)[0] == b"length"
+    wait(long.done)
+    error = _error(long)
+    assert error.code == FakeError.UNAVAILABLE and error.message.startswith("[UNAVAILABLE] the server is shutting down")
+    wait(lambda: backend.service.stats()["kv_pages_used"] == 0, 5)
+
+
+def test_server_watch_reads_tritonserver_arguments():
+    from qwentrt.serving.lifecycle import ServerWatch
+
+    w = ServerWatch.of_args(["tritonserver", "--http-port=8123", "--exit-timeout-secs=12"])
+    assert w.ready_url == "http://127.0.0.1:8123/v2/health/ready" and w.exit_timeout_s == 12
+    assert ServerWatch.of_args(["--http-address=10.0.0.2"]).ready_url == "http://10.0.0.2:8000/v2/health/ready"
+    assert ServerWatch.of_args(["--allow-http=false"]).ready_url is None
+    assert ServerWatch.of_args(["--http-port=1"]).ready() is False  # refused: nothing listens there
+
+
+def test_fault_rules_are_checked():
+    from qwentrt.serving import faults
+
+    assert faults.parse("step:every=7; loop:after=3") == [("step", "every", 7), ("loop", "after", 3)]
+    for bad in ("step:every=0", "kernel:every=2", "step=3"):
+        with pytest.raises(ValueError, match="QWENTRT_FAULT_INJECT"):
+            faults.parse(bad)

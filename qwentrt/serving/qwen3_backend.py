@@ -29,6 +29,7 @@ import numpy as np
 from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
 from qwentrt.serving import faults
+from qwentrt.serving.lifecycle import ServerWatch
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
@@ -69,6 +70,10 @@ class Qwen3Backend:
             print(f"qwentrt: WARNING: fault injection is on ({fault_spec}): for tests only", file=sys.stderr)
         self.service = AsyncEngine(self.engine, int(params.get("max_consecutive_step_faults", 3)))
         self._engine_down_seen = False
+        self._closing = False
+        self._drain_deadline: float | None = None
+        self.drain_s = float(params.get("shutdown_drain_s", 20))
+        self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
@@ -78,6 +83,8 @@ class Qwen3Backend:
         self.metrics = _Metrics(pb_utils, model_name)
         self._sender = threading.Thread(target=self._send_loop, name="qwentrt-sender", daemon=True)
         self._sender.start()
+        if self.watch is not None and self.watch.ready_url is not None:
+            threading.Thread(target=self._watch_server, name="qwentrt-watch", daemon=True).start()
 
     # ---- requests in -----------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
@@ -87,6 +94,10 @@ class Qwen3Backend:
             try:
                 if not self.service.healthy:
                     raise EngineUnavailable(self.service.dead or "the engine thread has stopped")
+                if self._closing:
+                    self._reject(sender, "the server is shutting down; retry on a running server",
+                                 pb.TritonError.UNAVAILABLE)
+                    continue
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 parsed = parse(inputs, self.engine.max_seq_len - 1, _request_parameters(request))
                 if len(self.engine.scheduler.waiting) >= self.max_queue:  # no lock: refuse at once
@@ -140,6 +151,9 @@ class Qwen3Backend:
                 self._send_pass()
                 last_gauges = self._gauges(last_gauges)
                 self._watch_engine()
+                if self._drain_deadline is not None and (time.monotonic() > self._drain_deadline or not self._streams):
+                    self._drain_deadline = None
+                    self._end_remaining("the server is shutting down")
             except Exception as e:  # the sender must outlive any one failure
                 print(f"qwentrt: sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -268,9 +282,46 @@ class Qwen3Backend:
         errors = pb.get_output_tensor_by_name(response, "errors").as_numpy().reshape(-1)[0]
         return valid, errors.decode("utf-8") if isinstance(errors, bytes) else str(errors)
 
+    # ---- shutdown ---------------------------------------------------------------------------------
+    def _watch_server(self) -> None:
+        """Drain once tritonserver, after having been ready, says it is not (it is shutting down)."""
+        seen_ready = False
+        while not self._stop:
+            time.sleep(0.25)
+            ready = self.watch.ready()
+            if ready:
+                seen_ready = True
+            elif ready is False and seen_ready and not self._closing:
+                self.begin_drain("tritonserver is shutting down")
+
+    def begin_drain(self, why: str) -> None:
+        """Refuse new requests; let those running finish for a bounded time (then they get UNAVAILABLE)."""
+        budget = min(self.drain_s, max(1.0, self.watch.exit_timeout_s - 5)) if self.watch else self.drain_s
+        self._drain_deadline = time.monotonic() + budget
+        self._closing = True
+        with self._lock:
+            running = len(self._streams)
+        print(f"qwentrt: {why}: draining {running} request(s) for up to {budget:.0f} s", file=sys.stderr, flush=True)
+        self._wake.set()
+
+    def _end_remaining(self, message: str) -> None:
+        """A final UNAVAILABLE response for every request still running (its engine request aborted)."""
+        with self._lock:
+            live = list(self._streams.values())
+            self._streams.clear()
+        for stream in live:
+            self.service.abort(stream.request_id)
+            try:
+                self._reject(stream.sender, f"{message}: the request stopped after {stream.tokens} tokens; retry on "
+                             "a running server", self.pb.TritonError.UNAVAILABLE, count=False)
+            except Exception as e:
+                print(f"qwentrt: could not end {stream.request_id}: {type(e).__name__}: {e}", file=sys.stderr)
+        if live:
+            print(f"qwentrt: ended {len(live)} request(s) still running: {message}", file=sys.stderr, flush=True)
+
     def shutdown(self) -> None:
-        """Called once Triton has drained (or its exit timeout has passed): send what the engine has
-        produced, then end every request still running with a final UNAVAILABLE response."""
+        """Triton's finalize: by now the drain has normally ended every request; end any left, stop."""
+        self._closing = True
         self._stop = True
         self._wake.set()
         self._sender.join(timeout=5)
@@ -278,18 +329,7 @@ class Qwen3Backend:
             self._send_pass()
         except Exception as e:
             print(f"qwentrt: last sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
-        with self._lock:
-            live = list(self._streams.values())
-        for stream in live:
-            self.service.abort(stream.request_id)
-            with self._lock:
-                self._streams.pop(stream.request_id, None)
-            try:
-                self._reject(stream.sender, f"the server is shutting down: the request stopped after "
-                             f"{stream.tokens} tokens; retry on a running server",
-                             self.pb.TritonError.UNAVAILABLE, count=False)
-            except Exception:
-                pass
+        self._end_remaining("the server is shutting down")
         self.service.shutdown()
 
 

@@ -39,6 +39,8 @@ QWEN3_PARAMETERS = {
     "json_validator_model": "the model that checks schema-guided outputs",
     "engine_failure": "shutdown (stop tritonserver when the engine cannot go on) or reject (stay up, UNAVAILABLE)",
     "max_consecutive_step_faults": "failed steps in a row after which the engine counts as stopped [3]",
+    "shutdown_drain_s": "at shutdown, seconds requests in flight may take to finish before a final UNAVAILABLE "
+                        "[20; keep it below tritonserver's --exit-timeout-secs, 30 by default]",
     "fault_inject": "tests only: see qwentrt/serving/faults.py",
 }
 
@@ -78,7 +80,7 @@ def qwen3_config(engine: EngineConfig, engine_dir: Path, device: str, max_queue_
     kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
     params = {"engine_dir": str(engine_dir.resolve()), "device": device, "max_queue_size": str(max_queue_size),
               "json_validator_model": "json_validator", "engine_failure": "shutdown",
-              "max_consecutive_step_faults": "3", **(extra or {})}
+              "max_consecutive_step_faults": "3", "shutdown_drain_s": "20", **(extra or {})}
     return f"""# Written by `qwentrt repo` from {engine_dir}: the engine's limits are enforced by the model.
 name: "qwen3"
 backend: "python"
