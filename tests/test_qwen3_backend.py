@@ -121,6 +121,22 @@ def test_slow_sender_gets_coalesced_responses(backend):
     assert int(last["num_output_tokens"].reshape(-1)[0]) == 30 and last["finish_reason"].reshape(-1)[0] == b"length"
 
 
+def test_streams_are_paced_past_the_response_budget(backend):
+    """At 2 responses/s for one stream (interval 0.5 s) a 40-token stream is sent in far fewer responses:
+    its first token at once, the last with the final flag, the text the same as sent one by one."""
+    free = FakeSender()
+    backend.execute([req(free, "Pace me", 40)])
+    wait(free.done)
+    backend.max_responses_per_s = 2.0
+    paced = FakeSender()
+    backend.execute([req(paced, "Pace me", 40)])
+    wait(paced.done)
+    assert "".join(texts(paced)) == "".join(texts(free))
+    counts = [int(r.outputs["num_output_tokens"].reshape(-1)[0]) for r, _ in paced.sent]
+    assert counts[0] == 1 and counts[-1] == 40 and paced.sent[-1][1] == FINAL
+    assert len(paced.sent) < len(free.sent) and len(paced.sent) < 40
+
+
 def test_non_streamed_sends_one_response_with_the_prompt(backend):
     s = FakeSender()
     backend.execute([req(s, "Hi there", 5, stream=False)])

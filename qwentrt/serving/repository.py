@@ -42,6 +42,8 @@ QWEN3_PARAMETERS = {
     "shutdown_drain_s": "at shutdown, seconds requests in flight may take to finish before a final UNAVAILABLE "
                         "[20; keep it below tritonserver's --exit-timeout-secs, 30 by default]",
     "fault_inject": "tests only: see qwentrt/serving/faults.py",
+    "max_responses_per_s": "streamed responses per second across all streams the sender aims at; past it, each "
+                           "response carries several tokens [1500]",
 }
 
 
