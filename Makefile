@@ -61,3 +61,13 @@ test: install
 
 clean:
 	rm -rf build model_repository
+
+# Soak (not part of make test): a mixed load on ENGINE for SOAK_MINUTES at SOAK_CONCURRENCY; JSON report
+# under build/soak/ (errors by code, TTFT p99 drift, server RSS and GPU memory growth). See docs/RELIABILITY.md.
+SOAK_MINUTES ?= 10
+SOAK_CONCURRENCY ?= 64
+SOAK_ARGS ?=
+.PHONY: soak
+soak: install
+	@[ -f "$(ENGINE)/engine.json" ] || { echo "no engine at $(ENGINE): run make engine first"; exit 2; }
+	$(QWENTRT) soak $(ENGINE) --minutes $(SOAK_MINUTES) --concurrency $(SOAK_CONCURRENCY) $(SOAK_ARGS)

@@ -435,5 +435,70 @@ def bench(ctx: click.Context, engine_dir: Path, isl: tuple[str, ...], osl: tuple
         sys.exit(1)
 
 
+
+@main.command()
+@click.argument("target")
+@click.option("--minutes", type=float, default=10, show_default=True)
+@click.option("-c", "--concurrency", type=int, default=64, show_default=True)
+@click.option("--prompt-tokens", default="16,2048", show_default=True, help="Prompt length range (log-uniform).")
+@click.option("--output-tokens", default="16,512", show_default=True, help="max_tokens range.")
+@click.option("--metrics-url", default=None, help="Triton metrics of a server at URL [default: port 8002 of its host].")
+@click.option("--server-pid", type=int, default=None, help="tritonserver's pid, for its memory (a server at URL).")
+@click.option("--device", default=None, help="Where an ENGINE is served: cuda or cpu [default: cuda when there is one].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report file [default: build/soak/soak-<time>.json].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def soak(target: str, minutes: float, concurrency: int, prompt_tokens: str, output_tokens: str,
+         metrics_url: str | None, server_pid: int | None, device: str | None, json_out: Path | None,
+         seed: int) -> None:
+    """Hold a mixed load (varied lengths, cancelled streams, guided JSON) on TARGET for N minutes; report
+    errors by code, TTFT p99 drift and memory growth. TARGET: a server's gRPC HOST:PORT, or an engine
+    folder (served here by tritonserver on free loopback ports for the soak)."""
+    import contextlib
+    import time
+
+    from qwentrt.bench.soak import SoakConfig, passed, run_soak, summary, write
+
+    def pair(text: str, name: str) -> tuple[int, int]:
+        try:
+            lo, hi = (int(v) for v in text.split(","))
+            assert 1 <= lo <= hi
+            return lo, hi
+        except (ValueError, AssertionError):
+            raise click.BadParameter(f"{text!r}: expected LOW,HIGH with 1 <= LOW <= HIGH", param_hint=name) from None
+
+    cfg = SoakConfig(minutes=minutes, concurrency=concurrency, prompt_tokens=pair(prompt_tokens, "--prompt-tokens"),
+                     output_tokens=pair(output_tokens, "--output-tokens"), seed=seed)
+    json_out = json_out or Path("build/soak") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        with contextlib.ExitStack() as stack:
+            url = target
+            if (Path(target) / "engine.json").is_file():
+                from qwentrt.serving.repository import write_repository
+                from qwentrt.serving.server import ServerOptions, TritonServer, free_port
+
+                root = json_out.parent / (json_out.stem + "-server")
+                repo = write_repository(target, root / "repo", device=device)
+                server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port()),
+                                      log_file=root / "tritonserver.log")
+                log(f"serving {target} (log {root / 'tritonserver.log'})")
+                server.start()
+                stack.callback(server.stop)
+                server.wait_ready(("qwen3", "json_validator"), 900)
+                url, metrics_url, server_pid = server.grpc_url, server.metrics_url, server.process.pid
+            elif metrics_url is None:
+                metrics_url = f"http://{target.rsplit(':', 1)[0]}:8002/metrics"
+            result = run_soak(url, cfg, metrics_url=metrics_url, server_pid=server_pid, log=log)
+            result["command"] = " ".join(["qwentrt", "soak", *sys.argv[2:]])
+    except QwentrtError as e:
+        _fail(e)
+    write(result, json_out)
+    click.echo(summary(result))
+    click.echo(str(json_out), err=True)
+    if not passed(result):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
