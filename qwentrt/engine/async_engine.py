@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import threading
-import time
 from typing import AsyncIterator, Callable
 
 from qwentrt.config import SamplingParams
-from qwentrt.engine.engine import LLMEngine, RequestOutput
+from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
 
 
 class EngineUnavailable(RuntimeError):
@@ -25,16 +23,13 @@ class AsyncEngine:
         self.engine = engine
         self.max_consecutive_faults = max_consecutive_faults
         self.dead: str | None = None  # why the engine stopped for good
-        # The engine loop holds _lock during each step. Other threads (add, abort, stats) take it through
-        # _turn(): they say they are waiting, and the loop lets them in between two steps; a plain lock
-        # would let the loop take it back at once, step after step (seen: requests waiting for a whole
-        # generation to finish before being added, streams sent in one piece at the end).
+        # The loop holds _lock during each step. Other threads never wait for it: adds and aborts are queued
+        # and applied by the loop before its next step; stats are read without it.
         self._lock = threading.Lock()
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._aborts: collections.deque[str] = collections.deque()  # applied by the loop before its next step
+        self._adds: collections.deque = collections.deque()  # prepared sequences the loop schedules next
         self._ids = itertools.count()
         self._stop = False
         self.error: BaseException | None = None
@@ -44,17 +39,23 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop:
             try:
+                refused = []
                 with self._lock:
+                    while self._adds:
+                        seq = self._adds.popleft()
+                        try:
+                            self.engine.add_sequence(seq)
+                        except RequestError as e:  # the same id added twice at once: refuse the second
+                            refused.append(RequestOutput(seq.request_id, "", [], seq.num_prompt_tokens, 0, True,
+                                                         "error", error=str(e)))
                     while self._aborts:
                         self.engine.abort(self._aborts.popleft())
                     busy = self.engine.has_unfinished()
                     outputs = self.engine.step() if busy else []
             except Exception as e:  # outside the step's own fault handling: the engine's state is unknown
                 return self._fail(f"the engine loop failed: {type(e).__name__}: {e}")
-            for out in outputs:
+            for out in refused + outputs:
                 self._deliver(out)
-            while self._waiting and not self._stop:  # let add / abort / stats in before the next step
-                time.sleep(0)
             if self.engine.consecutive_step_faults >= self.max_consecutive_faults:
                 return self._fail(f"{self.engine.consecutive_step_faults} engine steps failed in a row "
                                   f"(last: {self.engine.last_step_fault})")
@@ -76,21 +77,6 @@ class AsyncEngine:
         for out in outputs:
             self._deliver(out)
 
-    @contextlib.contextmanager
-    def _turn(self):
-        """The engine lock, for threads other than the loop (fair: the loop waits for them)."""
-        with self._waiting_lock:
-            self._waiting += 1
-        try:
-            self._lock.acquire()
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._lock.release()
-
     @property
     def healthy(self) -> bool:
         return self.dead is None and self._thread.is_alive()
@@ -111,12 +97,18 @@ class AsyncEngine:
             prompt_ids: list[int] | None = None) -> None:
         """Add a request whose outputs go to `on_output` (called on the engine thread; keep it short).
         Raises RequestError at once for bad input, EngineUnavailable once the engine has stopped."""
-        with self._turn():  # (the loop sets `dead` under this lock: nothing is added to a dead engine)
-            if not self.healthy:
-                raise EngineUnavailable(self.dead or "the engine thread has stopped")
-            self.engine.add_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
-            self._streams[request_id] = on_output
+        if not self.healthy:
+            raise EngineUnavailable(self.dead or "the engine thread has stopped")
+        if request_id in self._streams:
+            raise RequestError(f"request id {request_id!r} is already running")
+        # Validation, tokenization and grammar set-up run here, on the caller's thread, while the engine
+        # steps; the loop only schedules the sequence before its next step (never waits for a step).
+        seq = self.engine.prepare_request(request_id, prompt, params, prompt_ids=prompt_ids, messages=messages)
+        self._streams[request_id] = on_output
+        self._adds.append(seq)
         self._wake.set()
+        if not self.healthy and self._streams.pop(request_id, None) is not None:  # the loop died meanwhile
+            raise EngineUnavailable(self.dead or "the engine thread has stopped")
 
     def submit(self, request_id: str | None = None, prompt: str | None = None,
                params: SamplingParams | None = None, messages: list[dict] | None = None,
@@ -151,8 +143,11 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def stats(self) -> dict[str, int]:
-        with self._turn():
-            return self.engine.stats()
+        """The engine's counters, read without waiting for the step running now (a snapshot that may be
+        one step old: for metrics, not for decisions); requests queued for the next step count as waiting."""
+        stats = self.engine.stats()
+        stats["waiting"] += len(self._adds)
+        return stats
 
     def shutdown(self) -> None:
         self._stop = True

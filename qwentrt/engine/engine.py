@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_file(str(self.engine_dir / "tokenizer.json"))
         self._hf_tokenizer = None
         self._guided = None
+        self._init_lock = threading.RLock()  # lazy tokenizer / grammar set-up may run on request threads
         self.eos_ids = self._eos_ids()
         self.sampler = Sampler(self.eos_ids, self.device)
         self._seqs: dict[str, Sequence] = {}
@@ -88,6 +90,10 @@ class LLMEngine:
     # ---- tokenizer -------------------------------------------------------------------------------
     @property
     def hf_tokenizer(self):
+        with self._init_lock:
+            return self._hf_tokenizer_locked()
+
+    def _hf_tokenizer_locked(self):
         if self._hf_tokenizer is None:
             from transformers import AutoTokenizer
             self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
@@ -119,6 +125,10 @@ class LLMEngine:
 
     @property
     def guided(self):
+        with self._init_lock:
+            return self._guided_locked()
+
+    def _guided_locked(self):
         if self._guided is None:
             from qwentrt.engine.guided import GuidedDecoding
             self._guided = GuidedDecoding(self.hf_tokenizer, self.config.model.vocab_size)
@@ -128,9 +138,23 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_ids: list[int] | None = None, messages: list[dict] | None = None) -> Sequence:
-        params = params or SamplingParams()
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already running")
+        return self.add_sequence(self.prepare_request(request_id, prompt, params, prompt_ids, messages))
+
+    def add_sequence(self, seq: Sequence) -> Sequence:
+        """Schedule a sequence made by prepare_request (the engine's thread)."""
+        if seq.request_id in self._seqs:
+            raise RequestError(f"request id {seq.request_id!r} is already running")
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def prepare_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                        prompt_ids: list[int] | None = None, messages: list[dict] | None = None) -> Sequence:
+        """Validate, tokenize and build a request's Sequence (its grammar matcher, detokenizer) without
+        touching the scheduler: safe from another thread while the engine steps. Raises RequestError."""
+        params = params or SamplingParams()
         if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
             raise RequestError("give exactly one of text_input (prompt), prompt token ids, or messages")
         try:
@@ -172,8 +196,6 @@ class LLMEngine:
         seq.bad_word_ids = [w for w in seq.bad_word_ids if w]
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                  skip_special_tokens=params.skip_special_tokens, stop=params.stop)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
