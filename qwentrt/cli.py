@@ -215,7 +215,8 @@ def repo(engine_dir: Path, out: Path, device: str | None, max_queue_size: int | 
 @click.option("--device", default=None, help="cuda or cpu [default: cuda when there is one].")
 @click.option("--api-key", envvar="QWENTRT_API_KEY", default=None,
               help="Key for Triton's restricted protocols (repository, config, shared memory, logging, trace); "
-                   "clients send it as header qwentrt-key. [env QWENTRT_API_KEY]")
+                   "clients send it as header qwentrt-key (HTTP) or triton-grpc-protocol-qwentrt-key (gRPC); "
+                   "without it those protocols are locked. [env QWENTRT_API_KEY]")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tritonserver's log [default: REPO/../tritonserver.log].")
 @click.option("--timeout", "timeout_s", type=float, default=600, show_default=True,
