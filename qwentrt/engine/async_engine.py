@@ -142,6 +142,11 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: the scheduler's queue and those queued for the next step."""
+        return len(self.engine.scheduler.waiting) + len(self._adds)
+
     def stats(self) -> dict[str, int]:
         """The engine's counters, read without waiting for the step running now (a snapshot that may be
         one step old: for metrics, not for decisions); requests queued for the next step count as waiting."""

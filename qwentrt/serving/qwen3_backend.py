@@ -105,7 +105,7 @@ class Qwen3Backend:
                     continue
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 parsed = parse(inputs, self.engine.max_seq_len - 1, _request_parameters(request))
-                if len(self.engine.scheduler.waiting) >= self.max_queue:  # no lock: refuse at once
+                if self.service.num_waiting >= self.max_queue:  # no lock: refuse at once
                     self._reject(sender, f"server busy: {self.max_queue} requests already queued; retry later",
                                  pb.TritonError.UNAVAILABLE)
                     continue
