@@ -6,7 +6,8 @@ only a small window of recent tokens (vLLM's prefix_offset / read_offset techniq
 of context whose text was already accounted for, then the tokens not yet settled. Text of the window
 is settled except a trailing '\ufffd', which may be the first bytes of a character that the next
 tokens complete; it is held back until then (or until finish()). Whenever the window's text ends on
-a whole character, the window is cut back to its last few tokens, so each step costs O(window).
+a whole character and has grown past CUT_AT_TOKENS, it is cut back to its last few tokens, so each
+step costs O(window) and one decode (plus one more at each cut).
 
 The deltas joined, plus finish(), equal `tokenizer.decode(generated ids)` exactly: lossy UTF-8
 decoding restarts cleanly after a whole character, so decoding the window and dropping the text
@@ -23,6 +24,7 @@ import operator
 from collections.abc import Iterable, Sequence
 
 CONTEXT_TOKENS = 5  # tokens kept as decoding context (vLLM's initial prefix offset)
+CUT_AT_TOKENS = 16  # the window is cut back to CONTEXT_TOKENS past this: one decode per token, not two
 _PARTIAL = "\ufffd"
 
 
@@ -112,7 +114,7 @@ class IncrementalDetokenizer:
         end = len(text) - open_char
         new = text[self._done:end]
         self._done = max(self._done, end)
-        if not open_char and len(self._window) > CONTEXT_TOKENS:
+        if not open_char and len(self._window) > CUT_AT_TOKENS:
             self._window = self._window[-CONTEXT_TOKENS:]
             self._done = len(self._decode(self._window))
         return new
