@@ -62,7 +62,11 @@ def _pytriton_backends(root: Path) -> Path:
                 root / "backends" / "python" / "triton_python_backend_utils.py", stub]:
         dst = python / src.name
         if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime or dst.stat().st_size != src.stat().st_size:
-            shutil.copy2(src, dst)
+            # copy, then rename over: a running server may be executing the old stub (ETXTBSY on a copy in
+            # place); the rename leaves it its file, and two servers refreshing at once each rename whole files
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
     return cache
 
 
