@@ -1,0 +1,24 @@
+"""What the CUDA-graph decode path decides on the host (the graphs themselves: tests/test_gpu_engine.py)."""
+
+from qwentrt.engine.cuda_graphs import graph_batch_sizes, pad_tables
+from qwentrt.engine.model_runner import ModelRunner
+from qwentrt.engine.scheduler import ScheduledSeq
+
+
+def test_graph_batch_sizes_cover_every_batch_up_to_the_limit():
+    for limit in (1, 3, 16, 100, 256):
+        sizes = graph_batch_sizes(limit)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == limit and sizes[0] == 1
+        for n in range(1, limit + 1):  # the graph a batch of n replays wastes at most 15 padding rows
+            assert next(s for s in sizes if s >= n) - n < 16
+    assert graph_batch_sizes(256)[:5] == [1, 2, 4, 8, 16]
+
+
+def test_batches_run_decodes_first_and_tables_are_padded():
+    class Seq:
+        def __init__(self, i):
+            self.seq_id = i
+    batch = [ScheduledSeq(Seq(0), 7), ScheduledSeq(Seq(1), 1), ScheduledSeq(Seq(2), 30), ScheduledSeq(Seq(3), 1)]
+    assert [item.seq.seq_id for item in ModelRunner.order(batch)] == [1, 3, 0, 2]
+    table = pad_tables([[4, 5], [9], [1, 2, 3]])
+    assert table.tolist() == [[4, 5, 0], [9, 0, 0], [1, 2, 3]] and str(table.dtype) == "int32"
