@@ -28,7 +28,7 @@ import numpy as np
 
 from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
-from qwentrt.serving import faults
+from qwentrt.serving import faults, memtrace
 from qwentrt.serving.lifecycle import ServerWatch
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
@@ -90,6 +90,14 @@ class Qwen3Backend:
         self._sender.start()
         if self.watch is not None and self.watch.ready_url is not None:
             threading.Thread(target=self._watch_server, name="qwentrt-watch", daemon=True).start()
+        memtrace.start_from_env(self.memory_state)  # QWENTRT_MEMTRACE=<dir>: diagnostics only
+
+    def memory_state(self) -> dict[str, int]:
+        """Sizes of the per-request state (all 0 when idle, but the prefix cache, bounded by the KV pages)."""
+        e, bm = self.engine, self.engine.block_manager
+        return {"streams": len(self._streams), "engine_callbacks": len(self.service._streams),
+                "engine_seqs": len(e._seqs), "waiting": len(e.scheduler.waiting), "running": len(e.scheduler.running),
+                "kv_seqs": len(bm._seqs), "prefix_cache_pages": len(bm._hash_to_block), "kv_pages": bm.num_blocks}
 
     # ---- requests in -----------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
