@@ -156,3 +156,34 @@ def test_shutdown_drains_short_streams_and_ends_long_ones_with_a_final_response(
             assert outcome.startswith("completed"), results
         else:  # still running at the exit timeout: a final response from the model, not a dropped socket
             assert outcome.startswith("UNAVAILABLE: the server is shutting down"), results
+
+
+def _proc_stat(pid: str) -> tuple[str, str, int] | None:
+    """(name, state, parent pid) of a process from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+    return name, state, int(ppid)
+
+
+def test_the_model_process_exits_when_tritonserver_dies(tiny_engine, tmp_path):
+    """A stub whose tritonserver was killed must not live on as an orphan holding the engine's memory."""
+    import os
+
+    with start_server(tiny_engine, tmp_path) as srv:
+        server = srv.process.pid
+        stubs = [p for p in os.listdir("/proc") if p.isdigit() and (st := _proc_stat(p)) and st[2] == server
+                 and st[0].startswith("triton_python")]
+        assert stubs, "no Python-backend stub found under tritonserver"
+        srv.process.kill()
+        srv.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = stubs
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.25)
+            alive = [p for p in stubs if (st := _proc_stat(p)) and st[1] != "Z"]
+        assert not alive, f"stubs still running after tritonserver died: {alive}"

@@ -88,7 +88,8 @@ class Qwen3Backend:
         self.metrics = _Metrics(pb_utils, model_name)
         self._sender = threading.Thread(target=self._send_loop, name="qwentrt-sender", daemon=True)
         self._sender.start()
-        if self.watch is not None and self.watch.ready_url is not None:
+        self._server_pid = os.getppid() if self.watch is not None else None
+        if self.watch is not None:
             threading.Thread(target=self._watch_server, name="qwentrt-watch", daemon=True).start()
         memtrace.start_from_env(self.memory_state)  # QWENTRT_MEMTRACE=<dir>: diagnostics only
 
@@ -316,6 +317,11 @@ class Qwen3Backend:
         seen_ready = False
         while not self._stop:
             time.sleep(0.25)
+            if os.getppid() != self._server_pid:  # tritonserver died (this stub was re-parented): nobody can
+                print("qwentrt: tritonserver is gone; the model process exits", file=sys.stderr, flush=True)
+                os._exit(3)  # take our responses any more, and an orphan stub would hold its memory (and GPU)
+            if self.watch.ready_url is None:
+                continue
             ready = self.watch.ready()
             if ready:
                 seen_ready = True
