@@ -67,3 +67,21 @@ class ServerWatch:
             return False
         except (OSError, ValueError):
             return None
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """In a Python-backend stub whose parent is tritonserver: make sure this process ends when tritonserver
+    dies (the stub is re-parented), so that no orphan keeps the model's memory. A no-op under any other
+    parent. The watchdog is a separate /bin/sh process: a thread here could wait forever for the GIL, which
+    the stub's C++ side may hold while it talks to a dead server (seen: orphans alive after 30 s)."""
+    import subprocess
+
+    if ServerWatch.of_parent() is None:
+        return
+    stub, server = os.getpid(), os.getppid()
+    script = (f'while [ -d /proc/{stub} ] && [ "$(cut -d" " -f4 /proc/{stub}/stat 2>/dev/null)" = "{server}" ]; '
+              f"do sleep {poll_s}; done; "
+              f'if [ -d /proc/{stub} ]; then echo "qwentrt: tritonserver is gone; ending the model process" >&2; '
+              f"kill -9 {stub}; fi")
+    subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, start_new_session=True,
+                     close_fds=True)

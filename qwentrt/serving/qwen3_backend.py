@@ -29,7 +29,7 @@ import numpy as np
 from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
 from qwentrt.serving import faults, memtrace
-from qwentrt.serving.lifecycle import ServerWatch
+from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
@@ -88,8 +88,8 @@ class Qwen3Backend:
         self.metrics = _Metrics(pb_utils, model_name)
         self._sender = threading.Thread(target=self._send_loop, name="qwentrt-sender", daemon=True)
         self._sender.start()
-        self._server_pid = os.getppid() if self.watch is not None else None
-        if self.watch is not None:
+        exit_with_parent()  # an orphan stub (tritonserver killed) would keep the engine's memory
+        if self.watch is not None and self.watch.ready_url is not None:
             threading.Thread(target=self._watch_server, name="qwentrt-watch", daemon=True).start()
         memtrace.start_from_env(self.memory_state)  # QWENTRT_MEMTRACE=<dir>: diagnostics only
 
@@ -317,11 +317,6 @@ class Qwen3Backend:
         seen_ready = False
         while not self._stop:
             time.sleep(0.25)
-            if os.getppid() != self._server_pid:  # tritonserver died (this stub was re-parented): nobody can
-                print("qwentrt: tritonserver is gone; the model process exits", file=sys.stderr, flush=True)
-                os._exit(3)  # take our responses any more, and an orphan stub would hold its memory (and GPU)
-            if self.watch.ready_url is None:
-                continue
             ready = self.watch.ready()
             if ready:
                 seen_ready = True

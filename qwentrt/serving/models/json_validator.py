@@ -29,7 +29,9 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         from qwentrt.serving.json_validator import InvalidSchema, validate
+        from qwentrt.serving.lifecycle import exit_with_parent
 
+        exit_with_parent()  # no orphan if tritonserver dies
         self.validate, self.InvalidSchema = validate, InvalidSchema
 
     def execute(self, requests):
