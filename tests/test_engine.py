@@ -216,22 +216,35 @@ def test_generate_cli_streams(bf16_engine):
     assert bad.exit_code == 2 and "top_p: must be in (0, 1]" in bad.output
 
 
-def test_requests_and_stats_get_in_while_the_engine_loop_is_busy(bf16_engine):
-    """The loop steps back to back while a long generation runs; a second request must still be added
-    (and stream) long before the first ends, and stats must answer, not wait for the loop to go idle."""
+def test_add_abort_and_stats_never_wait_for_the_step_running_now(bf16_engine):
+    """The loop holds its lock for a whole step. add / abort / stats must not take it (they queue, or read
+    a snapshot), else a burst of requests waits one step each. Holding the lock here stands for a step
+    that never ends: with a lock-taking add() the calls below would hang."""
     import threading
 
     aeng = AsyncEngine(make(bf16_engine))
-    first_done = threading.Event()
-    second_first_output = []
+    outputs = []
     try:
-        aeng.add("long", lambda out: first_done.set() if out.finished else None,
-                 prompt="A long one", params=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
-        aeng.stats()
-        aeng.add("short", lambda out: second_first_output.append(first_done.is_set()),
-                 prompt="A short one", params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        assert aeng.stats()["running"] + aeng.stats()["waiting"] >= 1
-        assert first_done.wait(timeout=600)
-        assert second_first_output and second_first_output[0] is False  # it streamed while the long one ran
+        done = threading.Event()
+
+        def calls():
+            aeng.add("r1", outputs.append, prompt="Hello", params=GREEDY)
+            aeng.stats()
+            aeng.abort("r1")
+            aeng.add("r2", outputs.append, prompt="Hello again", params=GREEDY)
+            done.set()
+
+        with aeng._lock:  # the loop is "inside a step"
+            threading.Thread(target=calls, daemon=True).start()
+            assert done.wait(timeout=60), "add/stats/abort waited for the engine's step"
+            assert aeng.stats()["waiting"] == 2  # queued for the next step
+        # once the step ends, the queue is applied: r1 aborted before it ran, r2 runs to the end
+        for _ in range(600):
+            if outputs and outputs[-1].finished and outputs[-1].request_id == "r2":
+                break
+            import time
+            time.sleep(0.1)
+        assert [o.request_id for o in outputs if o.finished] == ["r2"]
+        assert all(o.request_id == "r2" for o in outputs)
     finally:
         aeng.shutdown()

@@ -137,6 +137,12 @@ def test_streams_are_paced_past_the_response_budget(backend):
     assert len(paced.sent) < len(free.sent) and len(paced.sent) < 40
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "fast", "inf", "nan"])
+def test_a_bad_response_budget_is_refused_before_the_engine_loads(value):
+    with pytest.raises(ValueError, match="max_responses_per_s: expected a positive number"):
+        Qwen3Backend({"engine_dir": "/nonexistent", "max_responses_per_s": value}, FakePb)
+
+
 def test_non_streamed_sends_one_response_with_the_prompt(backend):
     s = FakeSender()
     backend.execute([req(s, "Hi there", 5, stream=False)])

@@ -91,13 +91,10 @@ class LLMEngine:
     @property
     def hf_tokenizer(self):
         with self._init_lock:
-            return self._hf_tokenizer_locked()
-
-    def _hf_tokenizer_locked(self):
-        if self._hf_tokenizer is None:
-            from transformers import AutoTokenizer
-            self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
-        return self._hf_tokenizer
+            if self._hf_tokenizer is None:
+                from transformers import AutoTokenizer
+                self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
+            return self._hf_tokenizer
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.config.model.eos_token_id)
@@ -126,14 +123,11 @@ class LLMEngine:
     @property
     def guided(self):
         with self._init_lock:
-            return self._guided_locked()
-
-    def _guided_locked(self):
-        if self._guided is None:
-            from qwentrt.engine.guided import GuidedDecoding
-            self._guided = GuidedDecoding(self.hf_tokenizer, self.config.model.vocab_size)
-            self.sampler.guided = self._guided
-        return self._guided
+            if self._guided is None:
+                from qwentrt.engine.guided import GuidedDecoding
+                self._guided = GuidedDecoding(self.hf_tokenizer, self.config.model.vocab_size)
+                self.sampler.guided = self._guided
+            return self._guided
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,

@@ -88,10 +88,8 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
     weights = {key: _random_weights(n, k, group_size, device) for key, (n, k) in shapes.items()}
     decode: dict[str, dict[str, Any]] = {}
     timings: dict[str, Any] = {}
-    gemm_ms: dict[int, float] = {}
     for bucket in buckets:
         decode[str(bucket)] = {}
-        total = 0.0
         for key, (n, k) in shapes.items():
             x = torch.randn(bucket, k, device=device, dtype=torch.bfloat16)
             ws = weights[key]
@@ -105,9 +103,7 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
                     best, best_ms = c, ms
             decode[str(bucket)][key] = best
             timings[f"{bucket}/{key}"] = round(best_ms * 1e3, 2)
-            total += best_ms
             log(f"  w4a16 {bucket:>4} tokens {key:>11}: {best_ms * 1e3:7.1f} us  {best}")
-        gemm_ms[bucket] = total
     # a few tokens: the GEMV (tuned at one token) while it beats the GEMM's smallest bucket
     from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
     gemv: dict[str, Any] = {}

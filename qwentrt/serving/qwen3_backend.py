@@ -55,6 +55,9 @@ class Stream:
 class Qwen3Backend:
     def __init__(self, params: dict[str, str], pb_utils: Any, model_name: str = "qwen3"):
         self.pb = pb_utils
+        # A Python-backend response costs ~0.1-0.3 ms of this process's time (and its GIL, which the engine
+        # loop needs too): past this rate, streams are paced and each response carries several tokens.
+        self.max_responses_per_s = _positive(params, "max_responses_per_s", 1500)  # checked before loading
         device = params.get("device") or None
         optional_int = lambda key: int(params[key]) if params.get(key) else None  # noqa: E731
         self.engine = LLMEngine(params["engine_dir"], device=device,
@@ -74,9 +77,6 @@ class Qwen3Backend:
         self._closing = False
         self._drain_deadline: float | None = None
         self.drain_s = float(params.get("shutdown_drain_s", 20))
-        # A Python-backend response costs ~0.1-0.3 ms of this process's time (and its GIL, which the engine
-        # loop needs too): past this rate, streams are paced and each response carries several tokens.
-        self.max_responses_per_s = float(params.get("max_responses_per_s", 1500))
         self._next_due: float | None = None
         self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
@@ -434,3 +434,15 @@ def _stop_tritonserver(why: str) -> None:
 class _NoHistogram:
     def observe(self, value: float) -> None:
         pass
+
+
+def _positive(params: dict[str, str], key: str, default: float) -> float:
+    """A positive number from the model's config.pbtxt parameters, or a ValueError naming it."""
+    raw = params.get(key) or default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"config.pbtxt parameter {key}: expected a positive number, got {raw!r}")
+    return value

@@ -15,6 +15,7 @@ import torch
 
 from qwentrt.config import SamplingParams
 from qwentrt.engine.engine import LLMEngine
+from qwentrt.engine.tuning import time_in_graph
 
 ENGINE = sys.argv[1]
 WHAT = set((sys.argv[2] if len(sys.argv) > 2 else "agree,itl,ttft,linears,profile,throughput").split(","))
@@ -115,24 +116,9 @@ if "linears" in WHAT:
                 layer.o_proj(xs[cfg.q_size])
                 layer.gate_up_proj(xs[cfg.hidden_size])
                 layer.down_proj(xs[cfg.intermediate_size])
-        run_all()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            run_all()
-        for _ in range(3):
-            g.replay()
-        times = []
-        for _ in range(20):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        res[f"linears_graph_ms_m{m}"] = statistics.median(times)
-        print(f"36 layers' linears at {m} tokens, CUDA graph: {statistics.median(times):.3f} ms", flush=True)
-        del g
+        ms = time_in_graph(run_all, replays=20)
+        res[f"linears_graph_ms_m{m}"] = ms
+        print(f"36 layers' linears at {m} tokens, CUDA graph: {ms:.3f} ms", flush=True)
     save()
 
 if "profile" in WHAT:

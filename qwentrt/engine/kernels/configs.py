@@ -1,6 +1,6 @@
-"""Kernel configs an engine carries, keyed by kernel: only what the runtime reads (kernels/ops.py).
-`qwentrt build` stores the defaults for the target's compute capability; build-time tuning (timing
-candidates on the target GPU, issue 5) will replace them with measured winners per shape."""
+"""Kernel configs an engine carries, keyed by kernel: only what the runtime reads (kernels/w4a16.py).
+`qwentrt build` stores these defaults for the target's compute capability, or, when it builds on the
+target GPU, the winners engine/tuning.py timed there (docs/ENGINE.md, "Kernel configs")."""
 
 from __future__ import annotations
 
