@@ -34,11 +34,11 @@ def candidate_configs(bucket: int) -> list[dict[str, int]]:
 
 
 def gemv_candidates() -> list[dict[str, int]]:
-    out = [{"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": w, "num_stages": 3}
-           for bn, sk, w in itertools.product((64, 128), (2, 4, 8, 16), (4,))]
-    out += [{"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 2, "num_stages": 3} for sk in (4, 8, 16)]
-    out += [{"BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": 8, "num_stages": 3} for sk in (4, 8)]
-    return out
+    """GEMV tiles (BLOCK_N columns x BLOCK_K rows per step, a split owning whole groups; SPLIT_K is clamped
+    to the number of groups, so the large ones mean "one group per program")."""
+    tiles = ((128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (256, 16, 2), (256, 32, 2), (512, 32, 4))
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2}
+            for (bn, bk, w), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
 
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -111,7 +111,12 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         ws = weights[key]
         best, best_ms = None, float("inf")
+        seen = set()
         for c in gemv_candidates():
+            c = dict(c, SPLIT_K=min(c["SPLIT_K"], k // group_size))  # a split owns whole groups
+            if tuple(c.values()) in seen:
+                continue
+            seen.add(tuple(c.values()))
             try:
                 ms = time_in_graph(lambda: [w4a16_gemv(x, *w, group_size, c) for w in ws]) / len(ws)
             except Exception:
