@@ -151,6 +151,40 @@ def rope_case(t, heads, kv_heads, head_dim, dtype, device="cpu", max_pos=4096, e
     return (*errors([(q_out, q_ref), (k_out, k_ref)]), ok)
 
 
+def rope_kv_case(t, heads, kv_heads, head_dim, dtype, cache_dtype, device="cpu", num_blocks=8, block_size=4,
+                 scales=(1.0, 1.0), max_pos=4096, eps=1e-6, pad_every=3):
+    """qk_norm_rope_write_kv on strided views of a fused qkv, random caches, slots with padding (-1):
+    (max rel error of q and the written cache rows, max worst error, q's dtype/shape right and every other
+    slot of the caches untouched), and the caches (kernel's, reference's) for bytewise checks."""
+    from qwentrt.engine.kernels.qk_norm_rope_write_kv import qk_norm_rope_write_kv
+
+    q, k, v = qkv_views(t, heads, kv_heads, head_dim, dtype, device)
+    qw, kw = random_weight(head_dim, dtype, device), random_weight(head_dim, dtype, device)
+    positions = torch.randint(0, max_pos, (t,), device=device)
+    cos_sin = reference.rope_cos_sin_cache(max_pos, head_dim, 1e6, device)
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    slots[pad_every - 1::pad_every] = -1  # token 0 is written: T = 1 writes too
+    slots = slots.to(device)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [torch.randn(shape, device=device).to(cache_dtype) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    before = [c.clone() for c in caches]
+    with poisoned_empty():
+        q_out = qk_norm_rope_write_kv(q, k, v, qw, kw, eps, positions, cos_sin, *caches, slots, *scales)
+    q_ref = reference.qk_norm_rope_write_kv(q, k, v, qw, kw, eps, positions, cos_sin, *refs, slots, *scales)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
+    written[slots[slots >= 0]] = True
+
+    def rows(c, sel):
+        return reference._raw(c).view(-1, kv_heads, head_dim)[sel]
+
+    untouched = all(torch.equal(rows(c, ~written), rows(b, ~written)) for c, b in zip(caches, before))
+    pairs = [(q_out, q_ref)] + [(rows(c, written).view(cache_dtype).float(), rows(r, written).view(cache_dtype).float())
+                                for c, r in zip(caches, refs)]
+    ok = q_out.dtype == q_ref.dtype and q_out.shape == q_ref.shape and untouched
+    return (*errors(pairs), ok), caches, refs
+
+
 def silu_case(t, inter, dtype, device="cpu"):
     """silu_and_mul on strided rows: (rel error, dtype/shape right)."""
     from qwentrt.engine.kernels import activation
@@ -179,6 +213,11 @@ def interpreted_cases() -> list[tuple[str, float, float, bool]]:
                              *norm_case(t, n, dtype, with_residual=with_residual)))
         for t, h, hk, d in [(1, 4, 2, 32), (5, 6, 2, 48)]:
             rows.append((f"qk_norm_rope {dtype} T={t} H={h} Hk={hk} D={d}", *rope_case(t, h, hk, d, dtype)))
+        for t, h, hk, d in [(1, 4, 2, 32), (7, 6, 3, 48), (13, 8, 8, 64)]:
+            # a cache in another dtype (a plain cast; not bf16: the interpreter does not round to it as CUDA does)
+            for cache_dtype in (dtype, torch.float16 if dtype == torch.float32 else torch.float32):
+                res, _, _ = rope_kv_case(t, h, hk, d, dtype, cache_dtype, scales=(0.7, 1.3))
+                rows.append((f"qk_norm_rope_write_kv {dtype} -> {cache_dtype} T={t} H={h} Hk={hk} D={d}", *res))
         for t, inter in [(1, 40), (3, 1100)]:
             rows.append((f"silu_and_mul {dtype} T={t} I={inter}", *silu_case(t, inter, dtype)))
     return rows
@@ -216,6 +255,7 @@ FLAG_MEANS = {
     "norm": "wrong dtype/shape, new residual not exactly the reference's, or an input was modified",
     "qk_norm_rope": "wrong dtype or shape",
     "silu_and_mul": "wrong dtype or shape",
+    "qk_norm_rope_write_kv": "wrong q dtype/shape, or a skipped or foreign cache slot was touched",
 }
 
 
