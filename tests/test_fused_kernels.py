@@ -151,6 +151,41 @@ def rope_case(t, heads, kv_heads, head_dim, dtype, device="cpu", max_pos=4096, e
     return (*errors([(q_out, q_ref), (k_out, k_ref)]), ok)
 
 
+def rope_kv_case(t, heads, kv_heads, head_dim, dtype, cache_dtype, device="cpu", num_blocks=8, block_size=4,
+                 scales=(1.0, 1.0), max_pos=4096, eps=1e-6, pad_every=3):
+    """qk_norm_rope_write_kv on strided views of a fused qkv, random caches, slots with padding (-1):
+    (max rel error of q and the written cache rows, max worst error, q's dtype/shape right and every other
+    slot of the caches untouched), and the written rows of the caches (kernel's, reference's) as stored
+    (FP8 as bytes) for bytewise checks."""
+    from qwentrt.engine.kernels.qk_norm_rope_write_kv import qk_norm_rope_write_kv
+
+    q, k, v = qkv_views(t, heads, kv_heads, head_dim, dtype, device)
+    qw, kw = random_weight(head_dim, dtype, device), random_weight(head_dim, dtype, device)
+    positions = torch.randint(0, max_pos, (t,), device=device)
+    cos_sin = reference.rope_cos_sin_cache(max_pos, head_dim, 1e6, device)
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    slots[pad_every - 1::pad_every] = -1  # token 0 is written: T = 1 writes too
+    slots = slots.to(device)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [torch.randn(shape, device=device).to(cache_dtype) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    before = [c.clone() for c in caches]
+    with poisoned_empty():
+        q_out = qk_norm_rope_write_kv(q, k, v, qw, kw, eps, positions, cos_sin, *caches, slots, *scales)
+    q_ref = reference.qk_norm_rope_write_kv(q, k, v, qw, kw, eps, positions, cos_sin, *refs, slots, *scales)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
+    written[slots[slots >= 0]] = True
+
+    def rows(c, sel):
+        return reference._raw(c).view(-1, kv_heads, head_dim)[sel]
+
+    untouched = all(torch.equal(rows(c, ~written), rows(b, ~written)) for c, b in zip(caches, before))
+    pairs = [(q_out, q_ref)] + [(rows(c, written).view(cache_dtype).float(), rows(r, written).view(cache_dtype).float())
+                                for c, r in zip(caches, refs)]
+    ok = q_out.dtype == q_ref.dtype and q_out.shape == q_ref.shape and untouched
+    return (*errors(pairs), ok), [rows(c, written) for c in caches], [rows(r, written) for r in refs]
+
+
 def silu_case(t, inter, dtype, device="cpu"):
     """silu_and_mul on strided rows: (rel error, dtype/shape right)."""
     from qwentrt.engine.kernels import activation
@@ -179,6 +214,11 @@ def interpreted_cases() -> list[tuple[str, float, float, bool]]:
                              *norm_case(t, n, dtype, with_residual=with_residual)))
         for t, h, hk, d in [(1, 4, 2, 32), (5, 6, 2, 48)]:
             rows.append((f"qk_norm_rope {dtype} T={t} H={h} Hk={hk} D={d}", *rope_case(t, h, hk, d, dtype)))
+        for t, h, hk, d in [(1, 4, 2, 32), (7, 6, 3, 48), (13, 8, 8, 64)]:
+            # a cache in another dtype (a plain cast; not bf16: the interpreter does not round to it as CUDA does)
+            for cache_dtype in (dtype, torch.float16 if dtype == torch.float32 else torch.float32):
+                res, _, _ = rope_kv_case(t, h, hk, d, dtype, cache_dtype, scales=(0.7, 1.3))
+                rows.append((f"qk_norm_rope_write_kv {dtype} -> {cache_dtype} T={t} H={h} Hk={hk} D={d}", *res))
         for t, inter in [(1, 40), (3, 1100)]:
             rows.append((f"silu_and_mul {dtype} T={t} I={inter}", *silu_case(t, inter, dtype)))
     return rows
@@ -216,6 +256,7 @@ FLAG_MEANS = {
     "norm": "wrong dtype/shape, new residual not exactly the reference's, or an input was modified",
     "qk_norm_rope": "wrong dtype or shape",
     "silu_and_mul": "wrong dtype or shape",
+    "qk_norm_rope_write_kv": "wrong q dtype/shape, or a skipped or foreign cache slot was touched",
 }
 
 
@@ -391,3 +432,118 @@ def test_ops_dispatch_to_triton_and_replay_in_a_cuda_graph(monkeypatch):
         assert rel < BOUND_16 and worst < WORST_16, (name, rel, worst)
     for cache, ref in zip((k_cache, v_cache), ref_caches):
         assert int(fp8_ulps(cache, ref).max()) <= 1
+
+
+def assert_close_fp8(out: torch.Tensor, ref: torch.Tensor, max_fraction: float) -> None:
+    """FP8 bytes at most 1 step apart, in at most max_fraction of the elements."""
+    ulps = fp8_ulps(out.view(FP8), ref.view(FP8))
+    assert int(ulps.max()) <= 1, int(ulps.max())
+    assert int((ulps > 0).sum()) <= max(1, int(max_fraction * ulps.numel())), (int((ulps > 0).sum()), ulps.numel())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_qk_norm_rope_write_kv_on_cuda(t, cache_dtype):
+    """bf16 q/k/v (strided views of a fused qkv) at Qwen3-4B shapes, page 32, padding slots, against the
+    reference composition (qk_norm_rope, then write_kv of the rounded k) run on the GPU. k may differ from
+    the reference's by a bf16 rounding flip (GPU rsqrt, FMA), which moves its FP8 byte by one step in a
+    few elements; v is copied exactly (FP8: as write_kv's test, a rare 1-step flip of the division)."""
+    c = QWEN3_4B
+    scales = (0.006, 0.004) if cache_dtype == FP8 else (1.0, 1.0)  # FP8: some values reach the +-448 clamp
+    (rel, worst, ok), caches, refs = rope_kv_case(t, c["heads"], c["kv_heads"], c["head_dim"], torch.bfloat16,
+                                                  cache_dtype, "cuda", num_blocks=64, block_size=32, scales=scales,
+                                                  max_pos=32768)
+    assert ok, FLAG_MEANS["qk_norm_rope_write_kv"]
+    assert rel < BOUND_16 and worst < WORST_16, (rel, worst)
+    k, v = caches
+    k_ref, v_ref = refs
+    if cache_dtype == FP8:
+        assert_close_fp8(k, k_ref, 0.01)
+        assert_close_fp8(v, v_ref, 1e-4)
+    else:
+        assert torch.equal(v, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_qk_norm_rope_write_kv_matches_the_two_kernels_it_replaces(cache_dtype):
+    """Against rope.qk_norm_rope then kv_write.write_kv (the Triton kernels DecoderLayer ran before): the same
+    device code (rope.norm_rope, kv_write.to_cache) on the same inputs, so identical up to the compiler's
+    FMA contraction, which may differ between the two kernels (then a rare 1-step flip)."""
+    from qwentrt.engine.kernels import kv_write, rope
+    from qwentrt.engine.kernels.qk_norm_rope_write_kv import qk_norm_rope_write_kv
+
+    c = QWEN3_4B
+    t, blocks, bs, eps, scales = 256, 16, 32, 1e-6, (0.01, 0.02)
+    q, k, v = qkv_views(t, c["heads"], c["kv_heads"], c["head_dim"], torch.bfloat16, "cuda")
+    qw, kw = (random_weight(c["head_dim"], torch.bfloat16, "cuda") for _ in range(2))
+    positions = torch.randint(0, 32768, (t,), device="cuda")
+    cos_sin = reference.rope_cos_sin_cache(32768, c["head_dim"], 1e6, "cuda")
+    slots = random_slots(t, blocks, bs).cuda()
+    caches = [torch.randn(blocks, bs, c["kv_heads"], c["head_dim"], device="cuda").to(cache_dtype) for _ in range(2)]
+    old = [x.clone() for x in caches]
+    q_new = qk_norm_rope_write_kv(q, k, v, qw, kw, eps, positions, cos_sin, *caches, slots, *scales)
+    q_old, k_old = rope.qk_norm_rope(q, k, qw, kw, eps, positions, cos_sin)
+    kv_write.write_kv(k_old, v, *old, slots, *scales)
+    assert rel_err(q_new, q_old) < 1e-3
+    for new, ref in zip(caches, old):
+        if cache_dtype == FP8:
+            assert_close_fp8(new, ref, 1e-3)
+        else:
+            assert rel_err(new, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_qk_norm_rope_write_kv_in_a_cuda_graph(cache_dtype, monkeypatch):
+    """Through `ops` as DecoderLayer calls it, at T = 8 (a decode graph's batch): captured once (the reference
+    made to raise: the Triton kernel runs), replayed with new q/k/v, positions and slots (other tokens
+    padding), against the reference on the cache as it was before the replay."""
+    from qwentrt.engine.kernels import ops
+
+    c = QWEN3_4B
+    t, blocks, bs, eps = 8, 32, 32, 1e-6
+    scales = (0.01, 0.02) if cache_dtype == FP8 else (1.0, 1.0)
+    qkv = torch.randn(t, (c["heads"] + 2 * c["kv_heads"]) * c["head_dim"], device="cuda", dtype=torch.bfloat16)
+    sizes = [c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]]
+    views = [x.view(t, -1, c["head_dim"]) for x in qkv.split(sizes, dim=-1)]
+    qw, kw = (random_weight(c["head_dim"], torch.bfloat16, "cuda") for _ in range(2))
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    cos_sin = reference.rope_cos_sin_cache(4096, c["head_dim"], 1e6, "cuda")
+    slots = torch.full((t,), -1, dtype=torch.long, device="cuda")  # capture on padding, as DecodeGraphs does
+    caches = [torch.randn(blocks, bs, c["kv_heads"], c["head_dim"], device="cuda").to(cache_dtype) for _ in range(2)]
+    run = lambda: ops.qk_norm_rope_write_kv(*views, qw, kw, eps, positions, cos_sin, *caches, slots, *scales)  # noqa: E731
+    with monkeypatch.context() as m:
+        for name in ("qk_norm_rope_write_kv", "qk_norm_rope", "write_kv"):
+            m.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"reference.{_n} ran on CUDA"))
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            q_out = run()
+    for pad_every in (3, 2, t + 1):  # several replays, a different set of padding tokens each
+        qkv.copy_(torch.randn_like(qkv))
+        positions.copy_(torch.randint(0, 4096, (t,), device="cuda"))
+        new_slots = torch.randperm(blocks * bs)[:t]
+        new_slots[pad_every - 1::pad_every] = -1
+        slots.copy_(new_slots)
+        refs = [x.clone() for x in caches]
+        q_ref = reference.qk_norm_rope_write_kv(*views, qw, kw, eps, positions, cos_sin, *refs, slots, *scales)
+        graph.replay()
+        torch.cuda.synchronize()
+        rel, worst = errors([(q_out, q_ref)])
+        assert rel < BOUND_16 and worst < WORST_16, (pad_every, rel, worst)
+        for cache, ref in zip(caches, refs):
+            if cache_dtype == FP8:
+                assert_close_fp8(cache, ref, 1e-3)  # over the whole cache: untouched slots are equal
+            else:
+                assert rel_err(cache, ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_qk_norm_rope_write_kv_float32_on_cuda():
+    c = QWEN3_4B
+    (rel, worst, ok), caches, refs = rope_kv_case(7, c["heads"], c["kv_heads"], c["head_dim"], torch.float32,
+                                                  torch.float32, "cuda", num_blocks=16, block_size=32)
+    assert ok and rel < 1e-5 and worst < 1e-5, (rel, worst)

@@ -86,3 +86,42 @@ def test_cuda_graph_decode_matches_eager_decode(cuda_engine):
     eng.runner.graphs = graphs
     assert [s.request_id for s in seqs] == [s.request_id for s in seqs_eager]
     assert rel(graphed.cpu(), eager.cpu()) < 2e-2
+
+
+def test_fused_kernels_match_the_reference_composition(cuda_engine, monkeypatch):
+    """The tiny engine (INT4 AWQ, FP8 KV) on CUDA: a graphed decode step (fused q/k norm + RoPE + KV write,
+    one-launch split-KV attention: contexts of 1 to 3 partitions) and an eager mixed step (a prefill chunk
+    beside the decodes), each against the same step run eagerly with the torch references for those ops
+    (the composition they replace)."""
+    from qwentrt.engine.kernels import ops, reference
+
+    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16)
+    assert eng.runner.graphs is not None
+    for i, n in enumerate((5, 300, 700)):
+        eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
+                        params=SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+
+    def both(batch):
+        fast, seqs = eng.runner.run(batch, eng.block_manager)
+        fast = fast.clone()
+        graphs, eng.runner.graphs = eng.runner.graphs, None
+        with monkeypatch.context() as m:
+            m.setattr(ops, "qk_norm_rope_write_kv", reference.qk_norm_rope_write_kv)
+            m.setattr(ops, "paged_attention", reference.paged_attention)
+            ref, seqs_ref = eng.runner.run(batch, eng.block_manager)
+        eng.runner.graphs = graphs
+        assert [s.request_id for s in seqs] == [s.request_id for s in seqs_ref]
+        return fast.cpu(), ref.cpu()
+
+    batch = eng.scheduler.schedule()
+    assert all(item.num_tokens == 1 for item in batch)
+    fast, ref = both(batch)
+    assert rel(fast, ref) < 2e-2, rel(fast, ref)
+    eng.add_request("r3", prompt_ids=torch.randint(0, 151000, (90,)).tolist(),
+                    params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    batch = eng.scheduler.schedule()
+    assert any(item.num_tokens > 1 for item in batch) and any(item.num_tokens == 1 for item in batch)
+    fast, ref = both(batch)
+    assert rel(fast, ref) < 2e-2, rel(fast, ref)

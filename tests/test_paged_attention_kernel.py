@@ -30,7 +30,7 @@ FP8 = torch.float8_e4m3fn
 
 
 def _nan_alloc(shape, dtype, device):
-    """Partials come back NaN-filled: a partition the reduce reads but the kernel never wrote shows."""
+    """Partials come back NaN-filled: a partition the reduction reads but no program wrote shows."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
@@ -44,7 +44,7 @@ def _worker_init() -> None:
 
 
 def _worker_kernel_kind() -> str:
-    return type(pa._decode_partition_kernel).__name__
+    return type(pa._decode_kernel).__name__
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,7 @@ def run_kernel(mod, inp: dict, partition_size: int, tile_tokens: int | None = No
     res = mod.paged_attention_decode(**inp, partition_size=partition_size, out=out, tile_tokens=tile_tokens)
     assert res is out
     assert not out.isnan().any(), "the kernel left elements of the output unwritten (or wrote NaN)"
+    assert not pa._counters(out.device).any(), "the split-KV arrival counters were not left zero"
     return out
 
 
@@ -248,11 +249,13 @@ def test_dispatch_cuda():
 
 
 @pytest.mark.gpu
-def test_decode_cuda_graph_replay():
-    """Captured once, replayed after the context lengths and page tables change in place."""
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16])
+def test_decode_cuda_graph_replay(kv_dtype):
+    """Captured once, replayed after the context lengths and page tables change in place: contexts cross
+    partition boundaries, empty (padding) rows included; the arrival counters come back to zero."""
     lens = [100, 2000, 1, 700]
     inp = make_batch(lens, num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
-                     kv_dtype=FP8, device="cuda", extra_cols=20)
+                     kv_dtype=kv_dtype, device="cuda", extra_cols=20)
     out = torch.empty_like(inp["q"])
     run = lambda: pa.paged_attention_decode(**inp, partition_size=512, out=out)  # noqa: E731
     run()  # compile outside the capture
@@ -260,12 +263,35 @@ def test_decode_cuda_graph_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    for new_lens in ([1, 33, 2500, 640], [2600, 0, 17, 512]):
+    for new_lens in ([1, 33, 2500, 640], [2600, 0, 17, 512], [513, 1024, 1025, 0], [2620, 2620, 2620, 2620]):
         inp["context_lens"].copy_(torch.tensor(new_lens))
         inp["block_tables"].copy_(inp["block_tables"][torch.randperm(len(lens))])
+        inp["q"].copy_(torch.randn_like(inp["q"]))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(out, ref_out(inp)) < 1e-2
+        assert rel_err(out, ref_out(inp)) < 1e-2, new_lens
+        assert not pa._counters(out.device).any()
+        for row in (i for i, n in enumerate(new_lens) if n == 0):
+            assert torch.equal(out[row], torch.zeros_like(out[row]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16])
+@pytest.mark.parametrize("partition_size", [None, 256])
+def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size):
+    """The batch-1-like case of a full-width (32k-token) block table: up to 128 partitions per sequence
+    arrive in any order, the last reduces. Twenty launches of the same inputs must all match the reference
+    (a missed arrival or a stale partial read would show in some of them) and leave the counters zero."""
+    lens = [32768, 20000, 1000, 257]
+    inp = make_batch(lens, num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
+                     kv_dtype=kv_dtype, device="cuda", extra_cols=0)
+    ref = ref_out(inp)
+    first = run_kernel(pa, inp, partition_size)
+    assert rel_err(first, ref) < 1e-2
+    for _ in range(20):
+        again = run_kernel(pa, inp, partition_size)
+        assert rel_err(again, ref) < 1e-2
+        assert torch.equal(again, first)  # the same arithmetic in the same order, whichever program reduces
 
 
 # -------------------------------------------------------------------------------------------- benchmark

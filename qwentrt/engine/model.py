@@ -86,11 +86,10 @@ class DecoderLayer(nn.Module):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         t = x.shape[0]
-        q, k = ops.qk_norm_rope(q.view(t, c.num_attention_heads, c.head_dim),
-                                k.view(t, c.num_key_value_heads, c.head_dim), self.q_norm, self.k_norm, eps,
-                                meta.positions, cos_sin)
-        v = v.view(t, c.num_key_value_heads, c.head_dim)
-        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        q = ops.qk_norm_rope_write_kv(q.view(t, c.num_attention_heads, c.head_dim),
+                                      k.view(t, c.num_key_value_heads, c.head_dim),
+                                      v.view(t, c.num_key_value_heads, c.head_dim), self.q_norm, self.k_norm, eps,
+                                      meta.positions, cos_sin, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, k_scale, v_scale)
         hidden = self.o_proj(attn.reshape(t, c.q_size))
         x, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)

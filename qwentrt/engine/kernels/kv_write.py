@@ -12,6 +12,7 @@ otherwise (the scales are then ignored, as in the reference).
 Grid: (T, cdiv(Hk, BLOCK_H)); a program stores BLOCK_H heads of one token, for k and for v. The slot is
 read on the device and a padding token's program returns: no host sync and no data-dependent shape,
 so the launch can be captured in a CUDA graph. FP8 caches are written as bytes through uint8 views.
+The device helpers `to_cache` and `store_heads` are shared with qk_norm_rope_write_kv.py.
 """
 
 from __future__ import annotations
@@ -32,18 +33,23 @@ HAS_TRITON = triton is not None
 if HAS_TRITON:
 
     @triton.jit
-    def _store_heads(x_ptr, cache_ptr, t, page, offset, heads, offs_d, mask, scale,
-                     stride_xt, stride_xh, stride_cb, stride_co, stride_ch,
-                     FP8: tl.constexpr, FP8_MAX: tl.constexpr):
-        x = tl.load(x_ptr + t * stride_xt + heads[:, None] * stride_xh + offs_d[None, :], mask=mask)
-        dst = cache_ptr + page * stride_cb + offset * stride_co + heads[:, None] * stride_ch + offs_d[None, :]
+    def to_cache(x, scale, CACHE_TY: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+        """x as the cache stores it: FP8 bytes of clamp(x / scale) (uint8: the cache's view), or a cast."""
         if FP8:
             # div_rn: the correctly rounded quotient, as torch's `x.float() / scale` (plain `/` is approximate)
             y = tl.math.div_rn(x.to(tl.float32), scale)
             y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-            tl.store(dst, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
+            return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         else:
-            tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+            return x.to(CACHE_TY)
+
+    @triton.jit
+    def store_heads(x_ptr, cache_ptr, t, page, offset, heads, offs_d, mask, scale,
+                    stride_xt, stride_xh, stride_cb, stride_co, stride_ch,
+                    FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+        x = tl.load(x_ptr + t * stride_xt + heads[:, None] * stride_xh + offs_d[None, :], mask=mask)
+        dst = cache_ptr + page * stride_cb + offset * stride_co + heads[:, None] * stride_ch + offs_d[None, :]
+        tl.store(dst, to_cache(x, scale, cache_ptr.dtype.element_ty, FP8, FP8_MAX), mask=mask)
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
@@ -62,9 +68,9 @@ if HAS_TRITON:
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (heads < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
-        _store_heads(k_ptr, k_cache_ptr, t, page, offset, heads, offs_d, mask, k_scale,
+        store_heads(k_ptr, k_cache_ptr, t, page, offset, heads, offs_d, mask, k_scale,
                      stride_kt, stride_kh, stride_kcb, stride_kco, stride_kch, FP8, FP8_MAX)
-        _store_heads(v_ptr, v_cache_ptr, t, page, offset, heads, offs_d, mask, v_scale,
+        store_heads(v_ptr, v_cache_ptr, t, page, offset, heads, offs_d, mask, v_scale,
                      stride_vt, stride_vh, stride_vcb, stride_vco, stride_vch, FP8, FP8_MAX)
 
 

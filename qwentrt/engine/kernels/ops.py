@@ -13,6 +13,7 @@ from qwentrt.engine.kernels import activation as _activation
 from qwentrt.engine.kernels import kv_write as _kv_write
 from qwentrt.engine.kernels import norm as _norm
 from qwentrt.engine.kernels import paged_attention as _paged_attention
+from qwentrt.engine.kernels import qk_norm_rope_write_kv as _qk_norm_rope_write_kv
 from qwentrt.engine.kernels.prefill_attention import prefill_attention as _prefill_attention
 from qwentrt.engine.kernels import reference
 from qwentrt.engine.kernels import rope as _rope
@@ -60,6 +61,21 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if _rope.HAS_TRITON and q.is_cuda:
         return _rope.qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
     return reference.qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
+
+
+def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                          k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
+                          v_scale: float) -> torch.Tensor:
+    """q/k RMSNorm + RoPE, k and v stored into the caches at slot_mapping (-1: skip); -> the new q. One Triton
+    kernel on CUDA; elsewhere (the CPU, FP8 before sm_89) qk_norm_rope then write_kv, each dispatched."""
+    if (_qk_norm_rope_write_kv.HAS_TRITON and q.is_cuda
+            and (k_cache.dtype != torch.float8_e4m3fn or _has_fp8(q.device))):
+        return _qk_norm_rope_write_kv.qk_norm_rope_write_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin,
+                                                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    q, k = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -13,24 +13,26 @@ Layout (vLLM's conventions, as the reference):
   out           [B, H, D]                             q's dtype
 GQA: query head h reads KV head h // groups, groups = H // Hk.
 
-Algorithm. The context of a sequence is cut into partitions of `partition_size` tokens. Kernel 1 runs
-one program per (sequence, KV head, partition): it loads the `groups` query heads that share that KV
-head as a [GROUPS_PAD, D] tile (padded to 16 rows so that tl.dot can use tensor cores; the padding rows
-are zero and never stored), then walks its partition TILE_N tokens at a time (a tile spans one or
-several pages, or part of one: each token's page id is read from block_tables, its row in the page is
+Algorithm. The context of a sequence is cut into partitions of `partition_size` tokens. One launch, one
+program per (sequence, KV head, partition): it loads the `groups` query heads that share that KV head as
+a [GROUPS_PAD, D] tile (padded to 16 rows so that tl.dot can use tensor cores; the padding rows are zero
+and never stored), then walks its partition TILE_N tokens at a time (a tile spans one or several pages,
+or part of one: each token's page id is read from block_tables, its row in the page is
 token % block_size). The K and V tiles [TILE_N, D] are loaded once for the whole group (FP8 is loaded
 as bytes and bit-cast to float8e4nv in registers), scores = q @ K^T, and an online softmax in fp32 keeps
 a running max m, a running sum l and an unnormalized accumulator acc = sum_t exp(s_t - m) v_t.
 The k_scale of FP8 keys is folded into the softmax scale and the v_scale applied once at the end;
 fp8 -> bf16/fp16 is exact, so the tensor-core dots see the exact cached values.
-With one partition (the block table's width fits in one) kernel 1 writes out = acc / l directly. Otherwise it writes its
-partial (m, l, acc) and kernel 2, one program per (sequence, query head), combines the partitions that
-hold tokens: M = max_p m_p, out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p.
+When the sequence's context fits in one partition (always, when the block table's width does) the
+program writes out = acc / l directly. Otherwise each partition holding tokens writes its partial
+(m, l, acc), then counts itself in with an atomic add (acq_rel, after a barrier: its partials are visible
+before its count) on a counter per (sequence, KV head); the one that arrives last combines the partials
+of the sequence's live partitions for its `groups` heads, M = max_p m_p,
+out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, and sets the counter back to zero. So a decode
+step's attention is one launch per layer (no reduce kernel): the counters persist per device (zero
+between launches); the partials need no initialization (only written ones are read) and come from the
+caching allocator per call, as any other scratch (under a CUDA graph: the graph's pool).
 (Scores are kept in base 2: s * log2(e), so exp2 is used throughout.)
-
-The number of partitions is a launch-time constant taken from the block table's width
-(max_pages * block_size tokens), not from the context lengths, so a launch never reads device values
-on the host (CUDA-graph friendly); programs past their sequence's context return at once.
 """
 
 from __future__ import annotations
@@ -86,41 +88,96 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs of one split-KV launch
+_counter_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Persistent zeroed int32 arrival counters, one per (sequence, KV head) of a launch; the kernel leaves
+    them zero. Made by the first call, which must not be inside a CUDA-graph capture (the capture's warm-up
+    call makes them)."""
+    if device not in _counter_buffers:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_attention_decode: call it once before capturing a CUDA graph")
+        _counter_buffers[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _counter_buffers[device]
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_partition_kernel(
+    def _store_out(out_ptr, seq, heads, head_ok, offs_d, acc, l_i, v_scale, stride_ob, stride_oh):
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty context: acc is 0, out is 0 (as the reference)
+        out = acc * (v_scale / l_safe)[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+    @triton.jit
+    def _reduce_partitions(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq, kv_head, n_parts, v_scale,
+                           stride_ob, stride_oh, num_heads, num_partitions,
+                           GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           PARTITIONS_PAD: tl.constexpr):
+        """out of the GROUPS query heads of (seq, kv_head) from the partials of its n_parts partitions:
+        M = max_p m_p, out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p. Loads bypass L1 (.cg): the
+        partials were written by other programs."""
+        offs_r = tl.arange(0, GROUPS_P2)
+        offs_p = tl.arange(0, PARTITIONS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_r < GROUPS
+        heads = kv_head * GROUPS + offs_r
+        rows = (seq * num_heads + heads) * num_partitions  # partials are [B, H, P(, D)]
+        live = row_ok[:, None] & (offs_p < n_parts)[None, :]
+        m = tl.load(part_m_ptr + rows[:, None] + offs_p[None, :], mask=live, other=float("-inf"),
+                    cache_modifier=".cg")
+        l = tl.load(part_l_ptr + rows[:, None] + offs_p[None, :], mask=live, other=0.0, cache_modifier=".cg")
+        m_max = tl.where(row_ok, tl.max(m, axis=1), 0.0)  # finite: every live partition holds a token
+        denom = tl.sum(tl.where(live, tl.exp2(m - m_max[:, None]), 0.0) * l, axis=1)
+        acc = tl.zeros([GROUPS_P2, HEAD_DIM], dtype=tl.float32)
+        for p in range(0, n_parts):
+            w_p = tl.exp2(tl.load(part_m_ptr + rows + p, mask=row_ok, other=0.0, cache_modifier=".cg") - m_max)
+            acc += w_p[:, None] * tl.load(part_acc_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :],
+                                          mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        out = acc * (v_scale / tl.where(row_ok, denom, 1.0))[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _decode_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
-        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, counters_ptr,
         qk_scale, v_scale,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_bt,
         stride_ob, stride_oh,
-        num_heads, num_partitions,
-        GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        num_heads, num_kv_heads, num_partitions,
+        GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUPS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-        KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PARTITIONS_PAD: tl.constexpr, KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
-        """One (sequence, KV head, partition): online softmax over the partition's pages.
-        qk_scale = softmax scale * k_scale * log2(e)."""
+        """One (sequence, KV head, partition): online softmax over the partition's pages; the partition of
+        the sequence to finish last reduces them all. qk_scale = softmax scale * k_scale * log2(e)."""
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
 
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
-        start = part * PARTITION_SIZE
-        if not SINGLE_PARTITION:
-            if start >= ctx:  # nothing of this sequence here: kernel 2 reads only partitions with tokens
-                return
-        end = tl.minimum(start + PARTITION_SIZE, ctx)
-
         offs_g = tl.arange(0, GROUPS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, TILE_N)
         head_ok = offs_g < GROUPS
         heads = kv_head * GROUPS + offs_g  # the query heads sharing this KV head
+
+        start = part * PARTITION_SIZE
+        if start >= ctx:  # nothing of this sequence here
+            if part == 0:  # an empty context (a padding row): zeros, as the reference
+                tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         tl.zeros([GROUPS_PAD, HEAD_DIM], dtype=out_ptr.dtype.element_ty), mask=head_ok[:, None])
+            return
+        end = tl.minimum(start + PARTITION_SIZE, ctx)
+        n_parts = tl.cdiv(ctx, PARTITION_SIZE)  # partitions holding tokens: the reduction reads these
 
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=head_ok[:, None], other=0.0)  # [GROUPS_PAD, D]
@@ -155,48 +212,24 @@ if HAS_TRITON:
             m_i = m_new
 
         if SINGLE_PARTITION:
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty context: acc is 0, out is 0 (as the reference)
-            out = acc * (v_scale / l_safe)[:, None]
-            tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+            _store_out(out_ptr, seq, heads, head_ok, offs_d, acc, l_i, v_scale, stride_ob, stride_oh)
         else:
-            row = (seq * num_heads + heads) * num_partitions + part  # partials are [B, H, P(, D)]
-            tl.store(part_m_ptr + row, m_i, mask=head_ok)
-            tl.store(part_l_ptr + row, l_i, mask=head_ok)
-            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_ok[:, None])
-
-    @triton.jit
-    def _decode_reduce_kernel(
-        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
-        v_scale,
-        stride_ob, stride_oh,
-        num_heads, num_partitions,
-        HEAD_DIM: tl.constexpr, PARTITION_SIZE: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
-    ):
-        """One (sequence, query head): combine the partials of the partitions that hold tokens."""
-        seq = tl.program_id(0)
-        head = tl.program_id(1)
-        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
-        n_parts = tl.cdiv(ctx, PARTITION_SIZE)  # the others were never written
-        base = (seq * num_heads + head) * num_partitions
-
-        offs_p = tl.arange(0, PARTITIONS_PAD)
-        offs_d = tl.arange(0, HEAD_DIM)
-        live = offs_p < n_parts
-        m = tl.load(part_m_ptr + base + offs_p, mask=live, other=float("-inf"))
-        l = tl.load(part_l_ptr + base + offs_p, mask=live, other=0.0)
-        m_max = tl.max(m, axis=0)
-        w = tl.where(live, tl.exp2(m - m_max), 0.0)  # where, not a product: dead slots may hold NaN
-        denom = tl.sum(w * l, axis=0)
-
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for p in range(0, n_parts):
-            w_p = tl.exp2(tl.load(part_m_ptr + base + p) - m_max)
-            acc += w_p * tl.load(part_acc_ptr + (base + p) * HEAD_DIM + offs_d)
-
-        denom = tl.where(denom == 0.0, 1.0, denom)  # empty context -> zeros
-        out = acc * (v_scale / denom)
-        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+            if n_parts == 1:  # a short context: this program holds all of it
+                _store_out(out_ptr, seq, heads, head_ok, offs_d, acc, l_i, v_scale, stride_ob, stride_oh)
+            else:
+                row = (seq * num_heads + heads) * num_partitions + part
+                tl.store(part_m_ptr + row, m_i, mask=head_ok)
+                tl.store(part_l_ptr + row, l_i, mask=head_ok)
+                tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_ok[:, None])
+                tl.debug_barrier()  # every thread's partials are issued before the count goes up
+                # acq_rel: this program's partials are visible before its count; the last one sees them all
+                counter = counters_ptr + seq * num_kv_heads + kv_head
+                done = tl.atomic_add(counter, 1, sem="acq_rel")
+                if done == n_parts - 1:
+                    _reduce_partitions(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq, kv_head, n_parts,
+                                       v_scale, stride_ob, stride_oh, num_heads, num_partitions,
+                                       GROUPS, GROUPS_P2, HEAD_DIM, PARTITIONS_PAD)
+                    tl.store(counter, 0)  # zero again for the next launch
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -206,7 +239,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: q [B, H, D] -> [B, H, D] (see the module doc).
     partition_size: tokens per split-KV partition, a multiple of tile_tokens (None: auto_partition_size);
-    one partition (no reduce kernel) when it covers the block table's width.
+    one partition (no partials) when it covers the block table's width.
     tile_tokens: context tokens per loop step, a power of two >= 16 (default: 16 KiB of K per step, 128
     tokens of FP8 at head_dim 128; less where partition_size needs it).
     num_stages: software-pipelining depth of the loop (default: 3 on Hopper, 2 elsewhere).
@@ -244,39 +277,32 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     groups = num_heads // num_kv_heads
     num_partitions = max(1, triton.cdiv(max_context, partition_size))
     single = num_partitions == 1
+    counters = _counters(q.device)
     if single:  # the kernel does not touch the partials: pass any fp32 tensor
         part_m = part_l = part_acc = out.new_empty(1, dtype=torch.float32)
     else:
+        assert batch * num_kv_heads <= counters.numel(), "more (sequence, KV head) pairs than split-KV counters"
         part_m = _alloc((batch, num_heads, num_partitions), torch.float32, q.device)
         part_l = _alloc((batch, num_heads, num_partitions), torch.float32, q.device)
         part_acc = _alloc((batch, num_heads, num_partitions, head_dim), torch.float32, q.device)
 
-    _decode_partition_kernel[(batch, num_kv_heads, num_partitions)](
+    _decode_kernel[(batch, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_m, part_l, part_acc,
+        out, part_m, part_l, part_acc, counters,
         float(scale) * float(k_scale) * _LOG2E, float(v_scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_heads, num_partitions,
-        GROUPS=groups, GROUPS_PAD=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
+        num_heads, num_kv_heads, num_partitions,
+        GROUPS=groups, GROUPS_PAD=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)),
+        GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
-        KV_FP8=kv_fp8, SINGLE_PARTITION=single,
+        PARTITIONS_PAD=triton.next_power_of_2(num_partitions), KV_FP8=kv_fp8, SINGLE_PARTITION=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: unused by 16-bit dots
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not single:
-        _decode_reduce_kernel[(batch, num_heads)](
-            out, part_m, part_l, part_acc, context_lens,
-            float(v_scale),
-            out.stride(0), out.stride(1),
-            num_heads, num_partitions,
-            HEAD_DIM=head_dim, PARTITION_SIZE=partition_size,
-            PARTITIONS_PAD=triton.next_power_of_2(num_partitions),
-            num_warps=4,
-        )
     return out
 
 

@@ -93,6 +93,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         flat[slots] = _raw(quantize_kv(x[valid], scale, cache.dtype))
 
 
+def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                          k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
+                          v_scale: float) -> torch.Tensor:
+    """qk_norm_rope of q and k, then write_kv of the new k and v; -> the new q (attention reads K/V from
+    the pages)."""
+    q, k = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """FP8 tensors as bytes: indexing and index_put are not implemented for float8 on every device."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -13,7 +13,8 @@ float32 (cos in the first half, sin in the second). Outputs are new contiguous [
 Grid: (T, cdiv(H, BLOCK_H) + cdiv(Hk, BLOCK_H)); a program takes BLOCK_H heads of one token, of q for
 the first cdiv(H, BLOCK_H) programs along axis 1 and of k for the rest, each head as its two halves
 [BLOCK_H, D/2] (so the rotation pairs registers, no shuffles). Math in float32; the position is read on
-the device, launch parameters depend on shapes only (CUDA-graph safe).
+the device, launch parameters depend on shapes only (CUDA-graph safe). The device helpers `load_cos_sin`
+and `norm_rope` are shared with qk_norm_rope_write_kv.py.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ HAS_TRITON = triton is not None
 if HAS_TRITON:
 
     @triton.jit
-    def _norm_rope_heads(x_ptr, w_ptr, out_ptr, head0, num_heads, stride_h, stride_oh, cos, sin, eps,
-                         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-        """RMSNorm + RoPE of heads head0 .. head0 + BLOCK_H of one token (x_ptr, out_ptr at the token)."""
-        heads = head0 + tl.arange(0, BLOCK_H)
+    def load_cos_sin(cos_sin_ptr, pos, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """cos, sin [1, BLOCK_HALF] float32 of one position (zeros past HALF)."""
+        offs = tl.arange(0, BLOCK_HALF)
+        mask_d = offs < HALF
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        return cos, sin
+
+    @triton.jit
+    def norm_rope(x_ptr, w_ptr, heads, num_heads, stride_h, cos, sin, eps, OUT_TY: tl.constexpr,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """RMSNorm + RoPE of the heads `heads` [BLOCK_H] of one token (x_ptr at the token), rounded as the
+        reference: -> (first halves, second halves) [BLOCK_H, BLOCK_HALF] in OUT_TY, and their mask."""
         offs = tl.arange(0, BLOCK_HALF)
         mask_d = offs < HALF
         mask = (heads < num_heads)[:, None] & mask_d[None, :]
@@ -46,13 +56,21 @@ if HAS_TRITON:
         w1 = tl.load(w_ptr + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         in_ty = x_ptr.dtype.element_ty
-        out_ty = out_ptr.dtype.element_ty
         # rms_norm as the reference rounds it: normalized -> x's dtype, times the weight -> the output dtype
-        y1 = ((x1 * rstd).to(in_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
-        y2 = ((x2 * rstd).to(in_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
-        dst = out_ptr + heads[:, None] * stride_oh + offs[None, :]
-        tl.store(dst, (y1 * cos - y2 * sin).to(out_ty), mask=mask)
-        tl.store(dst + HALF, (y2 * cos + y1 * sin).to(out_ty), mask=mask)
+        y1 = ((x1 * rstd).to(in_ty).to(tl.float32) * w1).to(OUT_TY).to(tl.float32)
+        y2 = ((x2 * rstd).to(in_ty).to(tl.float32) * w2).to(OUT_TY).to(tl.float32)
+        return (y1 * cos - y2 * sin).to(OUT_TY), (y2 * cos + y1 * sin).to(OUT_TY), mask
+
+    @triton.jit
+    def _norm_rope_heads(x_ptr, w_ptr, out_ptr, head0, num_heads, stride_h, stride_oh, cos, sin, eps,
+                         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        """RMSNorm + RoPE of heads head0 .. head0 + BLOCK_H of one token (x_ptr, out_ptr at the token)."""
+        heads = head0 + tl.arange(0, BLOCK_H)
+        o1, o2, mask = norm_rope(x_ptr, w_ptr, heads, num_heads, stride_h, cos, sin, eps,
+                                 out_ptr.dtype.element_ty, HALF, BLOCK_HALF)
+        dst = out_ptr + heads[:, None] * stride_oh + tl.arange(0, BLOCK_HALF)[None, :]
+        tl.store(dst, o1, mask=mask)
+        tl.store(dst + HALF, o2, mask=mask)
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_out_ptr, positions_ptr,
@@ -63,10 +81,7 @@ if HAS_TRITON:
         t = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
         pos = tl.load(positions_ptr + t).to(tl.int64)
-        offs = tl.arange(0, BLOCK_HALF)
-        mask_d = offs < HALF
-        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        cos, sin = load_cos_sin(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
         if block < q_blocks:
             _norm_rope_heads(q_ptr + t * stride_qt, q_weight_ptr, q_out_ptr + t * stride_qot, block * BLOCK_H,
                              num_heads, stride_qh, stride_qoh, cos, sin, eps, HALF, BLOCK_HALF, BLOCK_H)
