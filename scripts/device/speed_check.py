@@ -138,6 +138,22 @@ if "profile" in WHAT:
         while eng.has_unfinished():
             eng.step()
 
+if "prefill_profile" in WHAT:  # where a 2,048-token prefill's time goes (TTFT)
+    from torch.profiler import ProfilerActivity, profile
+    eng.add_request("pp-warm", prompt_ids=rand_prompt(2048, 77), params=SamplingParams(max_tokens=1))
+    while eng.has_unfinished():
+        eng.step()
+    eng.add_request("pp", prompt_ids=rand_prompt(2048, 78), params=SamplingParams(max_tokens=1))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        while eng.has_unfinished():
+            eng.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    print(f"--- profile, one 2,048-token prefill ({wall * 1e3:.1f} ms under the profiler)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
 if "throughput" in WHAT:
     for conc, isl, osl in ((64, 1000, 300), (256, 1000, 300)):
         p = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
