@@ -5,8 +5,9 @@ nibble (0, 4, 1, 5, 2, 6, 3, 7)[j] of packed column c (AutoAWQ's interleave). qz
 same way, scales [K/G, N]. W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
 
 One Triton kernel covers the decode range: tiles of BLOCK_M x BLOCK_N outputs, the K loop split
-SPLIT_K ways across programs (so a 1-token GEMV still fills the GPU), partial sums added atomically
-in float32. For many tokens (prefill) dequantize-then-cuBLAS is used above a token threshold from
+SPLIT_K ways across programs, partial sums added atomically in a persistent float32 workspace whose
+last-arriving split writes the output (one launch; see w4a16_gemv.py). Nibbles become floats through
+the 2^23 magic number, not a conversion instruction. For many tokens (prefill) dequantize-then-cuBLAS is used above a token threshold from
 the engine's kernel configs (choose by measurement; the defaults are in kernels/configs.py).
 """
 
@@ -24,7 +25,7 @@ except ImportError:  # the CPU reference path needs no Triton
 if triton is not None:
 
     @triton.jit
-    def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K,
+    def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, M, N, K,
                       stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee"):
@@ -53,19 +54,32 @@ if triton is not None:
             qw = tl.interleave(qw, qw)
             qw = tl.interleave(qw, qw)
             qw = tl.interleave(qw, qw)
-            q = (qw >> shifts[None, :]) & 0xF
+            # nibble -> float without a conversion instruction: (q | 0x4B000000) is the float 2^23 + q
+            q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per K tile
             qz = tl.load(qz_ptr + g * stride_qz + packed_n, mask=mask_n, other=0)
-            z = (qz >> shifts) & 0xF
+            z = (((qz >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(x.dtype)
+            w = ((q - z[None, :]) * s[None, :]).to(x.dtype)  # (2^23 + q) - (2^23 + z) = q - z exactly
             acc += tl.dot(x, w, input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.atomic_add(y_ptrs, acc, mask=mask)
+            # as in w4a16_gemv.py: float32 partials in a persistent workspace; the last split of the tile
+            # (an arrival counter) writes y in its dtype and leaves workspace and counter at zero
+            ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            tile = pid_m * tl.num_programs(1) + pid_n
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                total = tl.atomic_add(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask,
+                                      sem="relaxed")
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask)
+                tl.store(count_ptr + tile, 0)
 
 
     @triton.jit
@@ -86,13 +100,13 @@ if triton is not None:
         qw = tl.interleave(qw, qw)
         qw = tl.interleave(qw, qw)
         qw = tl.interleave(qw, qw)
-        q = (qw >> shifts[None, :]) & 0xF
+        q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
         g = offs_k // GROUP
         mask = mask_k[:, None] & mask_n[None, :]
         qz = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // 8)[None, :], mask=mask, other=0)
-        z = (qz >> shifts[None, :]) & 0xF
+        z = (((qz >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
         s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = (q - z).to(tl.float32) * s
+        w = (q - z) * s
         tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,14 +126,20 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         cfg["BLOCK_K"] = group_size  # a K tile must stay inside one group
     x = x.contiguous()
     split = cfg["SPLIT_K"]
-    out = torch.zeros((m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _w4a16_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0),
+    from qwentrt.engine.kernels.w4a16_gemv import _workspace
+    ws, counts = _workspace(x.device)
+    if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
+        split = 1  # more outputs than the split-K workspace holds: the grid is large enough without a split
+        grid = grid[:2] + (1,)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _w4a16_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, m, n, k, x.stride(0), qweight.stride(0),
+                        qzeros.stride(0),
                         scales.stride(0), out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                         num_stages=cfg["num_stages"])
-    return out.to(x.dtype) if split > 1 else out
+    return out
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
