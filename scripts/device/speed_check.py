@@ -154,6 +154,25 @@ if "prefill_profile" in WHAT:  # where a 2,048-token prefill's time goes (TTFT)
     print(f"--- profile, one 2,048-token prefill ({wall * 1e3:.1f} ms under the profiler)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
 
+if "hostprof" in WHAT:  # where the host time of an eager (prefill) step goes: cProfile, by own time
+    import cProfile
+    import pstats
+    for n in (16, 2048):
+        eng.add_request(f"hp-warm-{n}", prompt_ids=rand_prompt(n, 90 + n), params=SamplingParams(max_tokens=1))
+        while eng.has_unfinished():
+            eng.step()
+        eng.add_request(f"hp-{n}", prompt_ids=rand_prompt(n, 91 + n), params=SamplingParams(max_tokens=1))
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        while eng.has_unfinished():
+            eng.step()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- host profile, one {n}-token prefill step: {(time.perf_counter() - t) * 1e3:.1f} ms wall")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
 if "throughput" in WHAT:
     for conc, isl, osl in ((64, 1000, 300), (256, 1000, 300)):
         p = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
