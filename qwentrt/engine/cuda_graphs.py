@@ -24,6 +24,32 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+class _Staging:
+    """Host buffers a replay's inputs are copied from (pinned on CUDA, so the copies are asynchronous).
+    Block-table rows are kept from step to step: a row that holds the same sequence's table as last time
+    gets only its new pages written (a decode step adds one page per block_size tokens, if any)."""
+
+    def __init__(self, n: int, max_pages: int, pin: bool):
+        self.inputs = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
+        self.tables = torch.zeros((n, max_pages), dtype=torch.int32, pin_memory=pin)
+        self.inputs_np = self.inputs.numpy()
+        self.tables_np = self.tables.numpy()
+        self._row_table: list[list[int] | None] = [None] * n  # the table list each row was written from
+        self._row_len = [0] * n  # how much of it
+
+    def fill_tables(self, tables: list[list[int]]) -> None:
+        """Rows 0..len(tables)-1 hold the given tables (past a table's length: stale page ids, never read)."""
+        bt, row_table, row_len = self.tables_np, self._row_table, self._row_len
+        for i, t in enumerate(tables):
+            n, done = len(t), row_len[i]
+            if row_table[i] is not t:  # another sequence (or a new allocation): block tables only ever grow
+                bt[i, :n] = t
+                row_table[i], row_len[i] = t, n
+            elif done != n:
+                bt[i, done:n] = t[done:]
+                row_len[i] = n
+
+
 class DecodeGraphs:
     def __init__(self, model: Qwen3Model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch_size: int,
                  max_pages: int, device: torch.device):
@@ -32,16 +58,16 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch_size)
         self.max_batch_size = n = self.sizes[-1]
         self.max_pages = max_pages
-        # Rows: input_ids, positions, slot_mapping, context_lens. Host staging buffers are pinned so that
-        # the copies are asynchronous; they are refilled only after the previous step's results were read.
+        # Rows: input_ids, positions, slot_mapping, context_lens.
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
         self.block_tables = torch.zeros((n, max_pages), dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.long, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.long, device=device)
-        self._inputs_host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
-        self._tables_host = torch.zeros((n, max_pages), dtype=torch.int32, pin_memory=True)
-        self._inputs_np = self._inputs_host.numpy()
-        self._tables_np = self._tables_host.numpy()
+        # Two sets of host staging buffers, used in turn: with async scheduling the next step's inputs are
+        # written while the copies of the step before may not have run yet (only the one before that is done).
+        pin = device.type == "cuda"
+        self._staging = [_Staging(n, max_pages, pin), _Staging(n, max_pages, pin)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -81,7 +107,9 @@ class DecodeGraphs:
         valid until the next replay)."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
-        host = self._inputs_np
+        stage = self._staging[self._turn]
+        self._turn ^= 1
+        host = stage.inputs_np
         host[0, :n] = input_ids
         host[1, :n] = positions
         host[2, :n] = slots
@@ -89,11 +117,9 @@ class DecodeGraphs:
         host[:, n:bs] = 0
         host[2, n:bs] = -1
         width = max(len(t) for t in tables)
-        bt = self._tables_np
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = t
-        self.inputs[:, :bs].copy_(self._inputs_host[:, :bs], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self._tables_host[:n, :width], non_blocking=True)
+        stage.fill_tables(tables)
+        self.inputs[:, :bs].copy_(stage.inputs[:, :bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(stage.tables[:n, :width], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 

@@ -80,6 +80,7 @@ class LLMEngine:
         self._guided = None
         self._init_lock = threading.RLock()  # lazy tokenizer / grammar set-up may run on request threads
         self.eos_ids = self._eos_ids()
+        self._eos_set = frozenset(self.eos_ids)
         self.sampler = Sampler(self.eos_ids, self.device)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -249,7 +250,7 @@ class LLMEngine:
         seq.cum_logprob += logprob
         if seq.matcher is not None and not seq.matcher.is_terminated():
             seq.matcher.accept_token(token)
-        is_eos = token in self.eos_ids and not p.ignore_eos
+        is_eos = token in self._eos_set and not p.ignore_eos
         text = "" if is_eos else seq.detokenizer.add([token])
         reason = None
         if (is_eos or token in p.stop_token_ids) and seq.num_output_tokens > p.min_tokens - 1:

@@ -60,15 +60,23 @@ class ModelRunner:
     def _host_inputs(self, batch: list[ScheduledSeq], bm: BlockManager):
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
         bs = self.block_size
+        total = 0
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
+            end = start + n
             table = bm.block_table(seq.seq_id)
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            cu.append(cu[-1] + n)
-            ctx.append(start + n)
+            if n == 1:  # a decode: no slices, ranges or generators
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            total += n
+            cu.append(total)
+            ctx.append(end)
             tables.append(table)
         return input_ids, positions, slots, cu, ctx, tables
 

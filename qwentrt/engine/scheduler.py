@@ -50,14 +50,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_prefill_chunk)
-            while not bm.can_append(seq.seq_id, seq.num_computed_tokens + n):
+            while not bm.try_append_slots(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 break  # seq itself was the newest and got preempted
-            bm.append_slots(seq.seq_id, seq.num_computed_tokens + n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
