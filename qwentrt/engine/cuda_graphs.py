@@ -8,7 +8,10 @@ K/V are not written) and context length 0 (their attention is zeros).
 
 Everything inside a captured forward must read device values on the device only (no host syncs, no
 data-dependent shapes): the kernels in qwentrt/engine/kernels are written that way, and the block table
-is kept at its full width (max_seq_len / block_size pages) so its shape never changes.
+is kept at its full width (max_seq_len / block_size pages) so its shape never changes. Its host copy
+is written incrementally (_Staging) and only the batch's widest table is copied up each step. With async
+scheduling an input id may be a placeholder for the previous step's sampled token: the graph resolves it
+from a static buffer the step's tokens are copied into on the device (inflight.resolve_placeholders).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qwentrt.engine.inflight import resolve_placeholders
 from qwentrt.engine.model import AttentionMetadata, Qwen3Model
 
 
@@ -63,6 +67,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_pages), dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.long, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.long, device=device)
+        # The previous step's sampled tokens, which placeholder input ids read (inflight.py): the graph
+        # resolves them itself, so a replay never needs them on the host.
+        self.prev_tokens = torch.zeros(n, dtype=torch.long, device=device)
         # Two sets of host staging buffers, used in turn: with async scheduling the next step's inputs are
         # written while the copies of the step before may not have run yet (only the one before that is done).
         pin = device.type == "cuda"
@@ -78,7 +85,8 @@ class DecodeGraphs:
                                  num_decodes=bs)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.inputs[0, :bs], self._metadata(bs), self.kv_caches)
+        input_ids = resolve_placeholders(self.inputs[0, :bs], self.prev_tokens)
+        hidden = self.model(input_ids, self._metadata(bs), self.kv_caches)
         return self.model.compute_logits(hidden)
 
     @torch.no_grad()
@@ -102,9 +110,9 @@ class DecodeGraphs:
         return 0 < num_seqs <= self.max_batch_size and max_pages <= self.max_pages
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the decode forward for n sequences; -> logits [n, V] float32 (a view of the graph's output,
-        valid until the next replay)."""
+        valid until the next replay). prev_tokens: the device tensor that placeholder ids (< 0) index."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         stage = self._staging[self._turn]
@@ -120,6 +128,8 @@ class DecodeGraphs:
         stage.fill_tables(tables)
         self.inputs[:, :bs].copy_(stage.inputs[:, :bs], non_blocking=True)
         self.block_tables[:n, :width].copy_(stage.tables[:n, :width], non_blocking=True)
+        if prev_tokens is not None:
+            self.prev_tokens[:len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 
