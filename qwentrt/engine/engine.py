@@ -320,21 +320,25 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         p = seq.params
-        seq.append(token)
+        seq.output_ids.append(token)
+        seq.token_ids.append(token)
         seq.cum_logprob += logprob
         if seq.matcher is not None and not seq.matcher.is_terminated():
             seq.matcher.accept_token(token)
         is_eos = token in self._eos_set and not p.ignore_eos
-        text = "" if is_eos else seq.detokenizer.add([token])
+        detokenizer = seq.detokenizer
+        text = "" if is_eos else detokenizer.add([token])
+        num_out = len(seq.output_ids)
         reason = None
-        if (is_eos or token in p.stop_token_ids) and seq.num_output_tokens > p.min_tokens - 1:
+        if (is_eos or token in p.stop_token_ids) and num_out > p.min_tokens - 1:
             reason = "stop"
-        elif seq.detokenizer.stopped is not None:
+        elif detokenizer.stopped is not None:
             reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+        elif num_out >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len:
             reason = "length"
-        if reason is None:
-            return self._output(seq, text, [token], [logprob])
+        if reason is None:  # (an unfinished request's output, built directly: this runs per token)
+            return RequestOutput(seq.request_id, text, [token], len(seq.prompt_ids), num_out, False, None, [logprob],
+                                 seq.cum_logprob, seq.num_cached_tokens, seq.error)
         return self._finish(seq, reason, text, [token], [logprob])
 
     def _finish(self, seq: Sequence, reason: str, text: str, tokens: list[int] = (), logprobs: list[float] = ()

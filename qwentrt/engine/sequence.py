@@ -5,6 +5,7 @@ host knows; with async scheduling up to two more may be in flight (`num_pending`
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,10 +63,10 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
-    @property
+    @functools.cached_property
     def needs_host_tokens(self) -> bool:
         """Does sampling read this request's past tokens on the host (penalties, bad words of several
-        tokens, a grammar)? Such a request's steps run synchronously."""
+        tokens, a grammar)? Such a request's steps run synchronously. (Read once it is scheduled.)"""
         p = self.params
         return (self.matcher is not None or p.repetition_penalty != 1.0 or bool(p.presence_penalty)
                 or bool(p.frequency_penalty) or any(len(w) > 1 for w in self.bad_word_ids))
