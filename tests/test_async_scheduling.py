@@ -170,3 +170,28 @@ def test_a_fault_in_a_launch_still_returns_the_step_in_flight(bf16_engine, monke
     assert [(len(o.token_ids), o.finish_reason) for o in outs] == [(1, None), (0, "error")]
     assert "simulated kernel failure" in outs[1].error and outs[1].num_output_tokens == 2
     assert not eng.has_unfinished() and eng.stats()["kv_pages_used"] == 0
+
+
+def test_a_step_the_device_fails_fails_its_requests_and_repeated_failures_are_counted(bf16_engine, monkeypatch):
+    from qwentrt.engine.inflight import InFlightStep
+    eng = make(bf16_engine, True, num_blocks=32)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    eng.add_request("a", prompt_ids=list(range(100, 140)), params=params)
+    eng.step()
+    real = InFlightStep.result
+
+    def failed(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(InFlightStep, "result", failed)
+    outs = eng.step()  # the launch succeeds; the step before it turns out to have failed on the device
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "error")] and "illegal memory" in outs[0].error
+    assert not eng.has_unfinished() and eng.stats()["kv_pages_used"] == 0
+    for i in range(3):  # a device that stays broken: every step fails, and the count keeps growing
+        eng.add_request(f"b{i}", prompt_ids=list(range(200, 240)), params=params)
+        eng.step()
+        eng.step()
+    assert eng.consecutive_step_faults >= 3
+    monkeypatch.setattr(InFlightStep, "result", real)
+    assert eng.generate([list(range(300, 340))], params)[0].finish_reason == "length"
+    assert eng.consecutive_step_faults == 0

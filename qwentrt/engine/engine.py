@@ -245,7 +245,6 @@ class LLMEngine:
         if fault is not None:
             return outputs + self._fail_step([item.seq for item in batch], fault)
         if launched is not None:
-            self.consecutive_step_faults = 0
             self._inflight = launched
             if launched.sync or not self.async_scheduling:
                 outputs += self._drain()
@@ -260,7 +259,8 @@ class LLMEngine:
 
     def _launch(self, batch: list[ScheduledSeq]) -> InFlightStep:
         """Queue the step's forward and sampling on the device and account for it on the host (computed
-        tokens, tokens in flight); nothing here waits for the device."""
+        tokens, tokens in flight); nothing here waits for the device (but penalties and grammar masks,
+        whose steps are synchronous anyway)."""
         prev = self._inflight
         logits, sampling = self.runner.run(batch, self.block_manager, prev.tokens if prev is not None else None)
         tokens, logprobs = self.sampler.sample(logits, sampling)
@@ -290,6 +290,7 @@ class LLMEngine:
             outputs = self._fail_step(step.seqs, e)
             self.block_manager.reset_prefix_cache()  # its pages were hashed at launch: their KV is unknown
             return outputs
+        self.consecutive_step_faults = 0  # (a step is good once its tokens are in: a launch may fail later)
         return self._process(step, tokens, logprobs)
 
     def _process(self, step: InFlightStep, tokens: list[int], logprobs: list[float] | None) -> list[RequestOutput]:
