@@ -40,6 +40,19 @@ class _Staging:
         self.tables_np = self.tables.numpy()
         self._row_table: list[list[int] | None] = [None] * n  # the table list each row was written from
         self._row_len = [0] * n  # how much of it
+        self._pinned = pin  # (on CUDA)
+        self._copied = None  # CUDA event after the last copies out of these buffers
+
+    def wait_copied(self) -> None:
+        """Before writing: the copies queued from these buffers last time have run (normally long done: the
+        engine waited for that step's tokens; this covers a step dropped without a wait)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def copies_queued(self) -> None:
+        if self._pinned:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def fill_tables(self, tables: list[list[int]]) -> None:
         """Rows 0..len(tables)-1 hold the given tables (past a table's length: stale page ids, never read)."""
@@ -71,7 +84,8 @@ class DecodeGraphs:
         # resolves them itself, so a replay never needs them on the host.
         self.prev_tokens = torch.zeros(n, dtype=torch.long, device=device)
         # Two sets of host staging buffers, used in turn: with async scheduling the next step's inputs are
-        # written while the copies of the step before may not have run yet (only the one before that is done).
+        # written while the copies of the step before may not have run yet (those of the one before that have:
+        # the engine waited for its tokens; an event per set checks it).
         pin = device.type == "cuda"
         self._staging = [_Staging(n, max_pages, pin), _Staging(n, max_pages, pin)]
         self._turn = 0
@@ -117,6 +131,7 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         stage = self._staging[self._turn]
         self._turn ^= 1
+        stage.wait_copied()
         host = stage.inputs_np
         host[0, :n] = input_ids
         host[1, :n] = positions
@@ -128,6 +143,7 @@ class DecodeGraphs:
         stage.fill_tables(tables)
         self.inputs[:, :bs].copy_(stage.inputs[:, :bs], non_blocking=True)
         self.block_tables[:n, :width].copy_(stage.tables[:n, :width], non_blocking=True)
+        stage.copies_queued()
         if prev_tokens is not None:
             self.prev_tokens[:len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         self.graphs[bs].replay()
