@@ -11,8 +11,10 @@ filled exactly as on the GPU; replay is a no-op). All requests are admitted and 
 
 Prints milliseconds per step: schedule, input prep (host inputs, block tables, tensors; the runner's
 whole run() minus the stubbed model), sampler, bookkeeping (mark computed, append, detokenize, stop
-checks, outputs: the rest of step()), and the total. Device work on the CPU (the sampler's argmax over
-[batch, --vocab]) is inside "sampler"; it is small at the default vocab.
+checks, outputs: the rest of step()), and their sum (host). Device work on the CPU (the sampler's argmax
+over [batch, --vocab], ~0.45 ms at 256 x 2048) is inside "sampler". With --gpu-ms, each step also takes
+that long on a simulated device: "wait" is the time step() waits for it, "total" the wall time per step,
+"gpu idle" = total - gpu-ms, the host time left on the critical path.
 """
 
 from __future__ import annotations
@@ -108,8 +110,39 @@ def emulate_graphs(engine: LLMEngine, stub: StubModel) -> None:
     runner.graphs = graphs
 
 
+class SimulatedGPU:
+    """--gpu-ms: each launched step takes that long on a pretend device, queued after the one before; waiting
+    for a step's tokens sleeps until it is done. Shows what async scheduling hides: the wall time per step
+    is ~max(host, GPU) with it, host + GPU without."""
+
+    def __init__(self, engine: LLMEngine, ms: float, timer: "Timer"):
+        from qwentrt.engine.inflight import InFlightStep
+
+        self.seconds, self.busy_until = ms / 1e3, 0.0
+        launch = engine._launch
+
+        def launched(batch):
+            step = launch(batch)
+            start = max(time.perf_counter(), self.busy_until)
+            self.busy_until = step.done_at = start + self.seconds
+            return step
+
+        engine._launch = launched
+        self.cls, self.result = InFlightStep, InFlightStep.result
+
+        def result(step):
+            time.sleep(max(0.0, getattr(step, "done_at", 0.0) - time.perf_counter()))
+            return self.result(step)
+
+        InFlightStep.result = result
+        timer.wrap(InFlightStep, "result", "wait")
+
+    def close(self) -> None:
+        self.cls.result = self.result
+
+
 def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: int, eager: bool,
-            sampling: bool, async_scheduling: bool | None) -> dict[str, float]:
+            sampling: bool, async_scheduling: bool | None, gpu_ms: float = 0.0) -> dict[str, float]:
     block = 32
     pages = batch * (-(-(prompt_len + steps + 64) // block) + 1)
     kw = {} if async_scheduling is None else {"async_scheduling": async_scheduling}
@@ -130,6 +163,7 @@ def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: in
         engine.sampler.fn = inner.__call__
         timer.wrap(engine.sampler, "fn", "sampler")
     timer.wrap(engine, "step", "total")
+    gpu = SimulatedGPU(engine, gpu_ms, timer) if gpu_ms else None
     params = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0.8 if sampling else 0.0,
                             top_p=0.95 if sampling else 1.0)
     g = torch.Generator().manual_seed(1)
@@ -144,9 +178,14 @@ def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: in
     for _ in range(steps):
         engine.step()
     timer.on = False
+    if gpu is not None:
+        gpu.close()
     assert len(engine.scheduler.running) == batch and not engine.scheduler.waiting
     med = {k: statistics.median(v) for k, v in timer.ms.items()}
-    med["bookkeeping"] = med["total"] - med["schedule"] - med["input prep"] - med["sampler"]
+    med.setdefault("wait", 0.0)
+    med["bookkeeping"] = med["total"] - med["schedule"] - med["input prep"] - med["sampler"] - med["wait"]
+    med["host"] = med["total"] - med["wait"]
+    med["gpu idle"] = med["total"] - gpu_ms if gpu_ms else 0.0
     return med
 
 
@@ -160,19 +199,25 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="the eager input path instead of the CUDA-graph one")
     ap.add_argument("--sampling", action="store_true", help="temperature 0.8, top_p 0.95 instead of greedy")
     ap.add_argument("--sync", action="store_true", help="turn async scheduling off (where the engine has it)")
+    ap.add_argument("--gpu-ms", type=float, default=0.0,
+                    help="pretend each step takes this long on a device (SimulatedGPU): adds wall and GPU-idle columns")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qwentrt-host-overhead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engine_dir = tiny_engine(args.cache)
-    cols = ["schedule", "input prep", "sampler", "bookkeeping", "total"]
+    cols = ["schedule", "input prep", "sampler", "bookkeeping", "host"]
+    if args.gpu_ms:
+        cols += ["wait", "total", "gpu idle"]
     path = "eager" if args.eager else "cuda-graph (emulated)"
     print(f"host ms per decode step (median of {args.steps}, best of {args.repeat} runs), {path} path, "
-          f"{'sampling' if args.sampling else 'greedy'}, prompt {args.prompt_len}")
+          f"{'sampling' if args.sampling else 'greedy'}, prompt {args.prompt_len}, "
+          f"async scheduling {'off' if args.sync else 'as the engine defaults'}"
+          + (f", simulated GPU step {args.gpu_ms} ms" if args.gpu_ms else ""))
     print(f"{'batch':>6} " + " ".join(f"{c:>12}" for c in cols))
     for b in args.batch:
         runs = [measure(engine_dir, b, args.steps, args.prompt_len, args.vocab, args.eager, args.sampling,
-                        False if args.sync else None) for _ in range(args.repeat)]
-        med = min(runs, key=lambda m: m["total"])  # (a shared machine: the least disturbed run)
+                        False if args.sync else None, args.gpu_ms) for _ in range(args.repeat)]
+        med = min(runs, key=lambda m: m["host"])  # (a shared machine: the least disturbed run)
         print(f"{b:>6} " + " ".join(f"{med[c]:>12.2f}" for c in cols), flush=True)
 
 
