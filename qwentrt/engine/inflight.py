@@ -37,7 +37,7 @@ from qwentrt.engine.transfer import HostCopy
 def resolve_placeholders(input_ids: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
     """input_ids with each placeholder ~row (< 0) replaced by prev_tokens[row]: device ops only (no host
     read, CUDA-graph safe). prev_tokens must not be empty."""
-    return torch.where(input_ids < 0, prev_tokens[(~input_ids).clamp_(min=0)], input_ids)
+    return torch.where(input_ids < 0, prev_tokens.index_select(0, (~input_ids).clamp_(min=0)), input_ids)
 
 
 @dataclass
