@@ -29,8 +29,8 @@ def test_staged_block_tables_are_written_incrementally_and_stay_exact():
 
     import torch
 
-    from qwentrt.engine.cuda_graphs import _Staging
-    stage = _Staging(4, 8, pin=False)
+    from qwentrt.engine.cuda_graphs import TableRows
+    rows = TableRows(4, 8)
     rng = random.Random(0)
     live = [[rng.randrange(100)] for _ in range(4)]
     for _ in range(200):
@@ -40,9 +40,9 @@ def test_staged_block_tables_are_written_incrementally_and_stay_exact():
         elif len(live[i]) < 8:
             live[i].append(rng.randrange(100))  # the table grew by a page
         batch = rng.sample(live, rng.randint(1, 4))  # rows change hands between steps
-        stage.fill_tables(batch)
+        rows.fill(batch)
         for row, table in enumerate(batch):
-            assert stage.tables[row, :len(table)].tolist() == table
+            assert rows.tables[row, :len(table)].tolist() == table
     ids = torch.tensor([5, ~1, 7, ~0])
     from qwentrt.engine.inflight import resolve_placeholders
     assert resolve_placeholders(ids, torch.tensor([40, 41])).tolist() == [5, 41, 7, 40]

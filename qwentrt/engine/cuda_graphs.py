@@ -9,7 +9,7 @@ K/V are not written) and context length 0 (their attention is zeros).
 Everything inside a captured forward must read device values on the device only (no host syncs, no
 data-dependent shapes): the kernels in qwentrt/engine/kernels are written that way, and the block table
 is kept at its full width (max_seq_len / block_size pages) so its shape never changes. Its host copy
-is written incrementally (_Staging) and only the batch's widest table is copied up each step. With async
+is written incrementally (TableRows) and only the batch's widest table is copied up each step. With async
 scheduling an input id may be a placeholder for the previous step's sampled token: the graph resolves it
 from a static buffer the step's tokens are copied into on the device (inflight.resolve_placeholders).
 """
@@ -28,18 +28,37 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+class TableRows:
+    """Block tables as rows of an int32 array [n, max_pages], kept from step to step: a row that holds the
+    same sequence's table as last time gets only its new pages written (a decode step adds one page per
+    block_size tokens, if any). Past a table's length a row holds stale page ids, which nothing reads."""
+
+    def __init__(self, n: int, max_pages: int, pin: bool = False):
+        self.tables = torch.zeros((n, max_pages), dtype=torch.int32, pin_memory=pin)
+        self.np = self.tables.numpy()
+        self._row_table: list[list[int] | None] = [None] * n  # the table list each row was written from
+        self._row_len = [0] * n  # how much of it
+
+    def fill(self, tables: list[list[int]]) -> None:
+        """Rows 0..len(tables)-1 hold the given tables."""
+        bt, row_table, row_len = self.np, self._row_table, self._row_len
+        for i, t in enumerate(tables):
+            n, done = len(t), row_len[i]
+            if row_table[i] is not t:  # another sequence (or a new allocation): block tables only ever grow
+                bt[i, :n] = t
+                row_table[i], row_len[i] = t, n
+            elif done != n:
+                bt[i, done:n] = t[done:]
+                row_len[i] = n
+
+
 class _Staging:
-    """Host buffers a replay's inputs are copied from (pinned on CUDA, so the copies are asynchronous).
-    Block-table rows are kept from step to step: a row that holds the same sequence's table as last time
-    gets only its new pages written (a decode step adds one page per block_size tokens, if any)."""
+    """Host buffers a replay's inputs are copied from (pinned on CUDA, so the copies are asynchronous)."""
 
     def __init__(self, n: int, max_pages: int, pin: bool):
         self.inputs = torch.zeros((4, n), dtype=torch.long, pin_memory=pin)
-        self.tables = torch.zeros((n, max_pages), dtype=torch.int32, pin_memory=pin)
         self.inputs_np = self.inputs.numpy()
-        self.tables_np = self.tables.numpy()
-        self._row_table: list[list[int] | None] = [None] * n  # the table list each row was written from
-        self._row_len = [0] * n  # how much of it
+        self.rows = TableRows(n, max_pages, pin)
         self._pinned = pin  # (on CUDA)
         self._copied = None  # CUDA event after the last copies out of these buffers
 
@@ -53,18 +72,6 @@ class _Staging:
         if self._pinned:
             self._copied = torch.cuda.Event()
             self._copied.record()
-
-    def fill_tables(self, tables: list[list[int]]) -> None:
-        """Rows 0..len(tables)-1 hold the given tables (past a table's length: stale page ids, never read)."""
-        bt, row_table, row_len = self.tables_np, self._row_table, self._row_len
-        for i, t in enumerate(tables):
-            n, done = len(t), row_len[i]
-            if row_table[i] is not t:  # another sequence (or a new allocation): block tables only ever grow
-                bt[i, :n] = t
-                row_table[i], row_len[i] = t, n
-            elif done != n:
-                bt[i, done:n] = t[done:]
-                row_len[i] = n
 
 
 class DecodeGraphs:
@@ -140,9 +147,9 @@ class DecodeGraphs:
         host[:, n:bs] = 0
         host[2, n:bs] = -1
         width = max(len(t) for t in tables)
-        stage.fill_tables(tables)
+        stage.rows.fill(tables)
         self.inputs[:, :bs].copy_(stage.inputs[:, :bs], non_blocking=True)
-        self.block_tables[:n, :width].copy_(stage.tables[:n, :width], non_blocking=True)
+        self.block_tables[:n, :width].copy_(stage.rows.tables[:n, :width], non_blocking=True)
         stage.copies_queued()
         if prev_tokens is not None:
             self.prev_tokens[:len(prev_tokens)].copy_(prev_tokens, non_blocking=True)

@@ -9,7 +9,7 @@ import torch
 
 from qwentrt.config import EngineConfig
 from qwentrt.engine.block_manager import BlockManager
-from qwentrt.engine.cuda_graphs import DecodeGraphs, pad_tables
+from qwentrt.engine.cuda_graphs import DecodeGraphs, TableRows
 from qwentrt.engine.inflight import resolve_placeholders
 from qwentrt.engine.model import AttentionMetadata, load_model
 from qwentrt.engine.scheduler import ScheduledSeq
@@ -39,6 +39,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
         self.max_pages = -(-engine.limits.max_seq_len // self.block_size)
         self.graphs: DecodeGraphs | None = None  # capture_cuda_graphs() on CUDA
+        self._table_rows = TableRows(0, self.max_pages)  # the eager path's block tables (grown on demand)
 
     def _fit_blocks(self, planned: int, kv_dtype: torch.dtype) -> int:
         """The plan is for the engine's budget; never take more than this GPU has free now, keeping room
@@ -97,8 +98,12 @@ class ModelRunner:
         flat = to_device(input_ids + positions + slots + cu + ctx + logits_idx, torch.long, dev)
         t, b = len(input_ids), len(batch)
         ids, pos, slot, cu_t, ctx_t, logits_t = flat.split([t, t, t, b + 1, b, len(logits_idx)])
+        if len(tables) > len(self._table_rows.np):
+            self._table_rows = TableRows(max(len(tables), 2 * len(self._table_rows.np)), self.max_pages)
+        self._table_rows.fill(tables)
+        width = max(len(t) for t in tables)
         meta = AttentionMetadata(positions=pos, slot_mapping=slot,
-                                 block_tables=to_device(pad_tables(tables), torch.int32, dev),
+                                 block_tables=to_device(self._table_rows.np[:b, :width], torch.int32, dev),
                                  cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t,
                                  num_decodes=num_decodes, prefill_spans=spans)
         return ids, meta
