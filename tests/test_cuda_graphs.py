@@ -22,3 +22,27 @@ def test_batches_run_decodes_first_and_tables_are_padded():
     assert [item.seq.seq_id for item in ModelRunner.order(batch)] == [1, 3, 0, 2]
     table = pad_tables([[4, 5], [9], [1, 2, 3]])
     assert table.tolist() == [[4, 5, 0], [9, 0, 0], [1, 2, 3]] and str(table.dtype) == "int32"
+
+
+def test_staged_block_tables_are_written_incrementally_and_stay_exact():
+    import random
+
+    import torch
+
+    from qwentrt.engine.cuda_graphs import TableRows
+    rows = TableRows(4, 8)
+    rng = random.Random(0)
+    live = [[rng.randrange(100)] for _ in range(4)]
+    for _ in range(200):
+        i = rng.randrange(4)
+        if rng.random() < 0.2:
+            live[i] = [rng.randrange(100) for _ in range(rng.randint(1, 3))]  # another sequence in this row
+        elif len(live[i]) < 8:
+            live[i].append(rng.randrange(100))  # the table grew by a page
+        batch = rng.sample(live, rng.randint(1, 4))  # rows change hands between steps
+        rows.fill(batch)
+        for row, table in enumerate(batch):
+            assert rows.tables[row, :len(table)].tolist() == table
+    ids = torch.tensor([5, ~1, 7, ~0])
+    from qwentrt.engine.inflight import resolve_placeholders
+    assert resolve_placeholders(ids, torch.tensor([40, 41])).tolist() == [5, 41, 7, 40]

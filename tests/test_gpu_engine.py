@@ -70,7 +70,8 @@ def test_an_engine_for_another_gpu_is_refused_unless_allowed(tiny_engine):
 def test_cuda_graph_decode_matches_eager_decode(cuda_engine):
     """One decode step of a mixed-length batch: the captured graph (padded to its batch size, full-width
     block table) against the eager forward on the same cache state."""
-    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16)
+    # synchronous steps: the batch scheduled below then holds no token in flight (placeholder)
+    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=False)
     assert eng.runner.graphs is not None
     for i, n in enumerate((5, 40, 77)):
         eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
@@ -95,7 +96,7 @@ def test_fused_kernels_match_the_reference_composition(cuda_engine, monkeypatch)
     (the composition they replace)."""
     from qwentrt.engine.kernels import ops, reference
 
-    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16)
+    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=False)
     assert eng.runner.graphs is not None
     for i, n in enumerate((5, 300, 700)):
         eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
@@ -125,3 +126,18 @@ def test_fused_kernels_match_the_reference_composition(cuda_engine, monkeypatch)
     assert any(item.num_tokens > 1 for item in batch) and any(item.num_tokens == 1 for item in batch)
     fast, ref = both(batch)
     assert rel(fast, ref) < 2e-2, rel(fast, ref)
+
+
+def test_async_scheduling_on_cuda_graphs_gives_the_synchronous_outputs(cuda_engine):
+    """The decode graph resolves the tokens in flight on the device: same tokens as the synchronous engine
+    (the same batches run in both: every request is admitted at once and ends by max_tokens)."""
+    prompts = [torch.randint(0, 151000, (n,)).tolist() for n in (5, 40, 77, 120, 33, 64)]
+    params = [SamplingParams(max_tokens=24 + i, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for mode in (False, True):
+        eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=mode)
+        assert eng.runner.graphs is not None
+        outs[mode] = [(o.token_ids, o.text, o.finish_reason) for o in eng.generate(prompts, params)]
+        assert eng.stats()["kv_pages_used"] == 0
+    assert outs[True] == outs[False]

@@ -172,18 +172,30 @@ class BlockManager:
     def append_slots(self, seq_id: int, num_tokens: int) -> None:
         """Grow seq's block table so it covers num_tokens tokens in total (no-op if it already
         does). Raises NoFreeBlocks (changing nothing) if short."""
-        seq = self._seqs[seq_id]
-        if not self.can_append(seq_id, num_tokens):
+        if not self.try_append_slots(seq_id, num_tokens):
             raise NoFreeBlocks(f"sequence {seq_id}: no free page to grow to {num_tokens} tokens")
-        while len(seq.table) < self.blocks_needed(num_tokens):
-            seq.table.append(self._take_free())
-        seq.num_tokens = max(seq.num_tokens, num_tokens)
+
+    def try_append_slots(self, seq_id: int, num_tokens: int) -> bool:
+        """append_slots, or False (changing nothing) if the pages are short: one call per decode step."""
+        seq = self._seqs[seq_id]
+        missing = -(-num_tokens // self.block_size) - len(seq.table)
+        if missing > 0:
+            if missing > len(self._free_plain) + len(self._free_cached):
+                return False
+            for _ in range(missing):
+                seq.table.append(self._take_free())
+        if num_tokens > seq.num_tokens:
+            seq.num_tokens = num_tokens
+        return True
 
     def mark_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         """The KV of token_ids[:num_computed] is now in seq's pages: register the chain hash of
         every page that is now full and computed and not yet hashed (so later prompts can hit it).
         token_ids is the sequence's full token list so far (prompt + generated)."""
         seq = self._seqs[seq_id]
+        if num_computed // self.block_size <= seq.num_hashed and 0 <= num_computed <= seq.num_tokens \
+                and num_computed <= len(token_ids):
+            return  # no page filled since the last call (most decode steps)
         if not 0 <= num_computed <= min(len(token_ids), seq.num_tokens):
             raise ValueError(f"sequence {seq_id}: {num_computed} computed tokens, but it has "
                              f"{len(token_ids)} tokens and pages for {seq.num_tokens}")

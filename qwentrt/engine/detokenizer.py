@@ -85,7 +85,10 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Takes one or more new tokens; returns the text that became safe to emit (maybe "")."""
-        ids = _token_ids(token_ids, "token_ids")
+        if type(token_ids) is list and len(token_ids) == 1 and type(token_ids[0]) is int and token_ids[0] >= 0:
+            ids = token_ids  # the engine's one token per step: nothing to convert
+        else:
+            ids = _token_ids(token_ids, "token_ids")
         if self._finished:
             raise RuntimeError("add() after finish()")
         if self._stopped is not None or not ids:
@@ -120,6 +123,9 @@ class IncrementalDetokenizer:
         return new
 
     def _emit(self, new: str, final: bool) -> str:
+        if not self._stops:  # nothing is ever held back
+            self._chunks.append(new)
+            return new
         text = self._held + new
         hits = [(i + len(s), i, s) for s in self._stops if (i := text.find(s)) >= 0]
         if hits:

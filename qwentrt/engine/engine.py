@@ -1,5 +1,6 @@
 """The engine API: add_request / step / abort over the scheduler, model runner and sampler.
-Synchronous and single-threaded; async_engine.py runs it in a thread for servers."""
+Single-threaded (async_engine.py runs it in a thread for servers); each step's host bookkeeping overlaps
+the next step's GPU work (async scheduling, inflight.py) unless turned off."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import torch
 from qwentrt.config import EngineConfig, SamplingParams
 from qwentrt.engine.block_manager import BlockManager
 from qwentrt.engine.detokenizer import IncrementalDetokenizer
+from qwentrt.engine.inflight import InFlightStep
 from qwentrt.engine.model_runner import ModelRunner
 from qwentrt.engine.sampler import Sampler
-from qwentrt.engine.scheduler import Scheduler
-from qwentrt.engine.sequence import Sequence
+from qwentrt.engine.scheduler import ScheduledSeq, Scheduler
+from qwentrt.engine.sequence import Sequence, Status
 from qwentrt.engine.target import check_runs_on
+from qwentrt.engine.transfer import HostCopy
 from qwentrt.errors import ConfigError
 
 CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on the CPU (the engine's plan is for its GPU)
@@ -50,7 +53,8 @@ class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, num_blocks: int | None = None, max_num_tokens: int | None = None,
                  max_batch_size: int | None = None, max_prefill_chunk: int | None = None,
-                 allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True, cuda_graphs: bool | None = None):
+                 allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True, cuda_graphs: bool | None = None,
+                 async_scheduling: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.config = EngineConfig.load(self.engine_dir)
         cfg = self.config
@@ -80,8 +84,13 @@ class LLMEngine:
         self._guided = None
         self._init_lock = threading.RLock()  # lazy tokenizer / grammar set-up may run on request threads
         self.eos_ids = self._eos_ids()
+        self._eos_set = frozenset(self.eos_ids)
         self.sampler = Sampler(self.eos_ids, self.device)
         self._seqs: dict[str, Sequence] = {}
+        if async_scheduling is None:
+            async_scheduling = os.environ.get("QWENTRT_ASYNC_SCHEDULING", "1") != "0"
+        self.async_scheduling = async_scheduling  # overlap a step's bookkeeping with the next step (inflight.py)
+        self._inflight: InFlightStep | None = None  # the step launched and not yet processed
         self._ids = itertools.count()
         self.num_step_faults = 0  # steps that failed (their requests ended with finish_reason "error")
         self.consecutive_step_faults = 0  # failed steps since the last good one
@@ -198,13 +207,16 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        self._forget_ended_step()
         return self._output(seq, "", [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running, or a step still in flight (step() until False drains it)."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every unfinished request with finish_reason "error" and `message` (the engine cannot go on)."""
+        self._inflight = None  # its tokens are of no use now (and the device may be what failed)
         outputs = []
         for seq in list(self._seqs.values()):
             seq.error = message
@@ -219,47 +231,115 @@ class LLMEngine:
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. Synchronous: schedule, run, sample, wait, and return the step's outputs. With
+        async scheduling (inflight.py): schedule and launch this step, then wait for the step the previous
+        call launched and return its outputs, so that its bookkeeping runs while the GPU runs this one."""
         batch = self.scheduler.schedule()
-        if not batch:
+        launched = fault = None
+        if batch:
+            try:
+                launched = self._launch(batch)
+            except Exception as e:  # a fault in the step fails its requests, not the engine
+                fault = e
+        outputs = self._drain()  # the step before (if any): its requests' tokens come before this step's fault
+        if fault is not None:
+            return outputs + self._fail_step([item.seq for item in batch], fault)
+        if launched is not None:
+            self._inflight = launched
+            if launched.sync or not self.async_scheduling:
+                outputs += self._drain()
+        self._forget_ended_step()
+        return outputs
+
+    def _forget_ended_step(self) -> None:
+        """Drop the step in flight if all its requests have ended: its results would be discarded, and no
+        later step reads its tokens (device and pinned memory are released in stream order)."""
+        if self._inflight is not None and all(seq.is_finished for seq in self._inflight.seqs):
+            self._inflight = None
+
+    def _launch(self, batch: list[ScheduledSeq]) -> InFlightStep:
+        """Queue the step's forward and sampling on the device and account for it on the host (computed
+        tokens, tokens in flight); nothing here waits for the device (but penalties and grammar masks,
+        whose steps are synchronous anyway)."""
+        prev = self._inflight
+        logits, sampling = self.runner.run(batch, self.block_manager, prev.tokens if prev is not None else None)
+        tokens, logprobs = self.sampler.sample(logits, sampling)
+        copy = HostCopy([tokens] if logprobs is None else [tokens, logprobs])
+        bm = self.block_manager
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            # Pages filled with known tokens are hashed now (prefix caching), as the synchronous engine does
+            # after the step; a page whose last token is in flight, once that token is known (_process).
+            # (Later steps that read these pages are queued after this one.)
+            bm.mark_computed(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)))
+        for row, seq in enumerate(sampling):
+            seq.num_pending += 1
+            seq.pending_row = row
+        return InFlightStep([item.seq for item in batch], sampling, tokens, copy,
+                            any(s.needs_host_tokens for s in sampling))
+
+    def _drain(self) -> list[RequestOutput]:
+        """Wait for the step in flight (if any) and return its outputs."""
+        step, self._inflight = self._inflight, None
+        if step is None:
             return []
         try:
-            logits, sampling = self.runner.run(batch, self.block_manager)
-            tokens, logprobs = self.sampler(logits, sampling)
-        except Exception as e:  # a fault in the step fails its requests, not the engine
-            self.num_step_faults += 1
-            self.consecutive_step_faults += 1
-            self.last_step_fault = f"{type(e).__name__}: {e}"
-            outputs = []
-            for item in batch:
-                item.seq.error = self.last_step_fault
-                outputs.append(self._finish(item.seq, "error", ""))
+            tokens, logprobs = step.result()
+        except Exception as e:  # the device failed the step
+            outputs = self._fail_step(step.seqs, e)
+            self.block_manager.reset_prefix_cache()  # its pages were hashed at launch: their KV is unknown
             return outputs
-        self.consecutive_step_faults = 0
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_tokens
-            self.block_manager.mark_computed(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed_tokens)
+        self.consecutive_step_faults = 0  # (a step is good once its tokens are in: a launch may fail later)
+        return self._process(step, tokens, logprobs)
+
+    def _process(self, step: InFlightStep, tokens: list[int], logprobs: list[float] | None) -> list[RequestOutput]:
+        bm = self.block_manager
+        tokens, logprobs = self.sampler.to_host(tokens, logprobs, step.sampling)
         outputs = []
-        for seq, token, lp in zip(sampling, tokens, logprobs):
-            outputs.append(self._advance(seq, token, lp))
+        for seq, token, lp in zip(step.sampling, tokens, logprobs):
+            seq.num_pending -= 1
+            if seq.is_finished:  # it ended (a stop, an abort) after this step was launched: not its token
+                continue
+            out = self._advance(seq, token, lp)
+            if seq.status is Status.RUNNING:  # the token is known: its page can be hashed
+                bm.mark_computed(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)))
+            outputs.append(out)
+        return outputs
+
+    def _fail_step(self, seqs: list[Sequence], fault: BaseException) -> list[RequestOutput]:
+        """A step failed: its requests (those not ended yet) end with finish_reason "error"."""
+        self.num_step_faults += 1
+        self.consecutive_step_faults += 1
+        self.last_step_fault = f"{type(fault).__name__}: {fault}"
+        outputs = []
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.error = self.last_step_fault
+                outputs.append(self._finish(seq, "error", ""))
         return outputs
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         p = seq.params
-        seq.append(token)
+        seq.output_ids.append(token)
+        seq.token_ids.append(token)
         seq.cum_logprob += logprob
         if seq.matcher is not None and not seq.matcher.is_terminated():
             seq.matcher.accept_token(token)
-        is_eos = token in self.eos_ids and not p.ignore_eos
-        text = "" if is_eos else seq.detokenizer.add([token])
+        is_eos = token in self._eos_set and not p.ignore_eos
+        detokenizer = seq.detokenizer
+        text = "" if is_eos else detokenizer.add([token])
+        num_out = len(seq.output_ids)
         reason = None
-        if (is_eos or token in p.stop_token_ids) and seq.num_output_tokens > p.min_tokens - 1:
+        if (is_eos or token in p.stop_token_ids) and num_out > p.min_tokens - 1:
             reason = "stop"
-        elif seq.detokenizer.stopped is not None:
+        elif detokenizer.stopped is not None:
             reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+        elif num_out >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len:
             reason = "length"
-        if reason is None:
-            return self._output(seq, text, [token], [logprob])
+        if reason is None:  # (an unfinished request's output, built directly: this runs per token)
+            return RequestOutput(seq.request_id, text, [token], len(seq.prompt_ids), num_out, False, None, [logprob],
+                                 seq.cum_logprob, seq.num_cached_tokens, seq.error)
         return self._finish(seq, reason, text, [token], [logprob])
 
     def _finish(self, seq: Sequence, reason: str, text: str, tokens: list[int] = (), logprobs: list[float] = ()

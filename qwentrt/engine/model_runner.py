@@ -9,10 +9,12 @@ import torch
 
 from qwentrt.config import EngineConfig
 from qwentrt.engine.block_manager import BlockManager
-from qwentrt.engine.cuda_graphs import DecodeGraphs, pad_tables
+from qwentrt.engine.cuda_graphs import DecodeGraphs, TableRows
+from qwentrt.engine.inflight import resolve_placeholders
 from qwentrt.engine.model import AttentionMetadata, load_model
 from qwentrt.engine.scheduler import ScheduledSeq
 from qwentrt.engine.sequence import Sequence
+from qwentrt.engine.transfer import to_device
 
 KV_DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 
@@ -37,6 +39,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
         self.max_pages = -(-engine.limits.max_seq_len // self.block_size)
         self.graphs: DecodeGraphs | None = None  # capture_cuda_graphs() on CUDA
+        self._table_rows = TableRows(0, self.max_pages)  # the eager path's block tables (grown on demand)
 
     def _fit_blocks(self, planned: int, kv_dtype: torch.dtype) -> int:
         """The plan is for the engine's budget; never take more than this GPU has free now, keeping room
@@ -58,52 +61,77 @@ class ModelRunner:
         return sorted(batch, key=lambda item: item.num_tokens > 1)
 
     def _host_inputs(self, batch: list[ScheduledSeq], bm: BlockManager):
+        """Host lists of the batch's inputs. A token still in flight (async scheduling) is the placeholder
+        ~row (inflight.resolve_placeholders), row being its row in the previous step's sampled tokens."""
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
         bs = self.block_size
+        total = 0
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
+            end = start + n
+            known = seq.token_ids
             table = bm.block_table(seq.seq_id)
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            cu.append(cu[-1] + n)
-            ctx.append(start + n)
+            if n == 1:  # a decode: no slices, ranges or generators
+                input_ids.append(known[start] if start < len(known) else ~seq.pending_row)
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(known[start:end])
+                if end > len(known):  # (only the last token can be in flight)
+                    input_ids.append(~seq.pending_row)
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            total += n
+            cu.append(total)
+            ctx.append(end)
             tables.append(table)
         return input_ids, positions, slots, cu, ctx, tables
 
-    def prepare(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The flat token batch and its metadata; batch must be in `order`."""
-        input_ids, positions, slots, cu, ctx, tables = self._host_inputs(batch, bm)
+    def prepare(self, batch: list[ScheduledSeq], bm: BlockManager, host=None) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The flat token batch and its metadata; batch must be in `order` (host: its `_host_inputs`)."""
+        input_ids, positions, slots, cu, ctx, tables = host or self._host_inputs(batch, bm)
         num_decodes = sum(1 for item in batch if item.num_tokens == 1)
         spans = [(b, cu[b], cu[b + 1], ctx[b]) for b in range(num_decodes, len(batch))]
         logits_idx = [cu[b + 1] - 1 for b, item in enumerate(batch) if item.samples]
         dev = self.device
-        flat = torch.tensor(input_ids + positions + slots + cu + ctx + logits_idx, dtype=torch.long).to(
-            dev, non_blocking=True)
+        flat = to_device(input_ids + positions + slots + cu + ctx + logits_idx, torch.long, dev)
         t, b = len(input_ids), len(batch)
         ids, pos, slot, cu_t, ctx_t, logits_t = flat.split([t, t, t, b + 1, b, len(logits_idx)])
+        if len(tables) > len(self._table_rows.np):
+            self._table_rows = TableRows(max(len(tables), 2 * len(self._table_rows.np)), self.max_pages)
+        self._table_rows.fill(tables)
+        width = max(len(t) for t in tables)
         meta = AttentionMetadata(positions=pos, slot_mapping=slot,
-                                 block_tables=torch.from_numpy(pad_tables(tables)).to(dev, non_blocking=True),
+                                 block_tables=to_device(self._table_rows.np[:b, :width], torch.int32, dev),
                                  cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t,
                                  num_decodes=num_decodes, prefill_spans=spans)
         return ids, meta
 
     @torch.no_grad()
-    def run(self, batch: list[ScheduledSeq], bm: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, batch: list[ScheduledSeq], bm: BlockManager, prev_tokens: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, list[Sequence]]:
         """-> (logits [n, V] float32, the n sequences they belong to: those whose step reaches their last
-        token, in the order the batch ran)."""
+        token, in the order the batch ran). Queues device work only: never waits for the GPU.
+        prev_tokens: the sampled tokens of the step in flight, which the batch's placeholders read."""
         batch = self.order(batch)
         sampling = [item.seq for item in batch if item.samples]
-        if self.graphs is not None and batch[-1].num_tokens == 1:
-            input_ids, positions, slots, _, ctx, tables = self._host_inputs(batch, bm)
-            if self.graphs.can_run(len(batch), max(len(t) for t in tables)):
-                logits = self.graphs.run(input_ids, positions, slots, ctx, tables)
-                if len(sampling) < len(batch):
-                    rows = [i for i, item in enumerate(batch) if item.samples]
-                    logits = logits[torch.tensor(rows, device=self.device)]
-                return logits, sampling
-        input_ids, meta = self.prepare(batch, bm)
+        host = self._host_inputs(batch, bm)
+        input_ids, positions, slots, _, ctx, tables = host
+        if min(input_ids) >= 0:
+            prev_tokens = None  # no placeholder to resolve
+        elif prev_tokens is None or not len(prev_tokens):
+            raise RuntimeError("a token in flight is an input, but no step in flight was given (prev_tokens)")
+        if self.graphs is not None and batch[-1].num_tokens == 1 and \
+                self.graphs.can_run(len(batch), max(len(t) for t in tables)):
+            logits = self.graphs.run(input_ids, positions, slots, ctx, tables, prev_tokens)
+            if len(sampling) < len(batch):
+                rows = [i for i, item in enumerate(batch) if item.samples]
+                logits = logits[to_device(rows, torch.long, self.device)]
+            return logits, sampling
+        input_ids, meta = self.prepare(batch, bm, host)
+        if prev_tokens is not None:
+            input_ids = resolve_placeholders(input_ids, prev_tokens)
         hidden = self.model(input_ids, meta, self.kv_caches)
         return self.model.compute_logits(hidden), sampling
 

@@ -3,15 +3,21 @@ words, min_tokens and the grammar mask (only for the rows that ask for them), th
 0) or temperature + top-k + top-p sampling, vectorized across rows.
 
 Sampling draws with the exponential race (argmax of p / E, E ~ Exp(1): a draw from p) rather than
-torch.multinomial, so the whole step stays on the device and the host reads the tokens once, in a single
-copy at the end. A request with a seed draws its noise from its own generator, so the same seed gives
-the same output whatever else is in the batch."""
+torch.multinomial, so the whole step stays on the device: `sample` queues it and returns device tensors
+without waiting for the GPU (the engine copies them to the host behind the step, transfer.HostCopy);
+`__call__` also brings them to the host. A request with a seed draws its noise from its own generator,
+so the same seed gives the same output whatever else is in the batch.
+
+Rows whose processing reads the request's past tokens on the host (penalties, bad words of several
+tokens, grammars: `Sequence.needs_host_tokens`) are sampled only when those tokens are all known (the
+engine runs such steps synchronously); min_tokens counts the tokens still in flight (`num_pending`)."""
 
 from __future__ import annotations
 
 import torch
 
 from qwentrt.engine.sequence import Sequence
+from qwentrt.engine.transfer import to_device
 
 
 class Sampler:
@@ -23,9 +29,28 @@ class Sampler:
         self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits [n, V] float32 (modified in place) -> (token per sequence, its log probability)."""
+        """logits [n, V] float32 (modified in place) -> (token per sequence, its log probability), on the host."""
+        tokens, logprobs = self.sample(logits, seqs)
+        if logprobs is None:
+            return tokens.tolist(), [0.0] * len(seqs)
+        return self.to_host(tokens.tolist(), logprobs.tolist(), seqs)
+
+    @staticmethod
+    def to_host(tokens: list[int], logprobs: list[float] | None, seqs: list[Sequence]
+                ) -> tuple[list[int], list[float]]:
+        """The host lists of `sample`'s tensors: logprobs 0.0 where a request did not ask for them."""
+        if logprobs is None:
+            return tokens, [0.0] * len(seqs)
+        return tokens, [lp if s.params.logprobs else 0.0 for lp, s in zip(logprobs, seqs)]
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [n, V] float32 (modified in place) -> (tokens [n] int64, logprobs [n] float32 or None when
+        no request asked for them), on the device, without waiting for it."""
         for i, seq in enumerate(seqs):
-            self._process_row(logits[i], seq)
+            p = seq.params
+            if p.min_tokens or seq.bad_word_ids or p.repetition_penalty != 1.0 or p.presence_penalty \
+                    or p.frequency_penalty:
+                self._process_row(logits[i], seq)
         if self.guided is not None and any(s.matcher is not None for s in seqs):
             self.guided.apply(logits, [s.matcher for s in seqs])
         params = [s.params for s in seqs]
@@ -35,11 +60,7 @@ class Sampler:
             logprobs = self._logprobs(torch.log_softmax(logits, -1), tokens) if want_logprobs else None
         else:
             tokens, logprobs = self._sample(logits, seqs, want_logprobs)
-        if logprobs is None:
-            return tokens.tolist(), [0.0] * len(seqs)
-        both = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).tolist()  # one copy to the host
-        lps = [lp if p.logprobs else 0.0 for lp, p in zip(both[1], params)]
-        return [int(t) for t in both[0]], lps
+        return tokens, logprobs
 
     @staticmethod
     def _logprobs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -50,18 +71,18 @@ class Sampler:
         params = [s.params for s in seqs]
         n, vocab = logits.shape
         dev = logits.device
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], dtype=logits.dtype, device=dev)
+        greedy = to_device([p.temperature == 0 for p in params], torch.bool, dev)
+        temperature = to_device([p.temperature or 1.0 for p in params], logits.dtype, dev)
         scaled = logits / temperature[:, None]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(q < 1.0 for q in top_p):
             sorted_logits, order = scaled.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev)[None, :]
-            drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+            drop = ranks >= to_device(top_k, torch.long, dev)[:, None]
             probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
             # keep the smallest prefix whose probability reaches top_p (the first token always stays)
-            drop |= probs.cumsum(-1) - probs > torch.tensor(top_p, dtype=probs.dtype, device=dev)[:, None]
+            drop |= probs.cumsum(-1) - probs > to_device(top_p, probs.dtype, dev)[:, None]
             scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs)
@@ -79,15 +100,16 @@ class Sampler:
     def _process_row(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
         if seq.output_ids and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
-            out = torch.tensor(seq.output_ids, device=row.device)
+            out = to_device(seq.output_ids, torch.long, row.device)
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(seq.token_ids, device=row.device).unique()
+                seen = to_device(seq.token_ids, torch.long, row.device).unique()
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].float()
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        if seq.num_output_tokens < p.min_tokens:
-            row[self.eos_ids + list(p.stop_token_ids)] = float("-inf")
+        if seq.num_output_tokens + seq.num_pending < p.min_tokens:
+            row.index_fill_(0, to_device(self.eos_ids + list(p.stop_token_ids), torch.long, row.device),
+                            float("-inf"))
         for word in seq.bad_word_ids:
             if len(word) == 1 or seq.output_ids[-(len(word) - 1):] == word[:-1]:
                 row[word[-1]] = float("-inf")

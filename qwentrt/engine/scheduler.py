@@ -1,7 +1,8 @@
 """Inflight batching: every step mixes the running sequences' decodes (and unfinished prefill chunks)
 with prefill chunks of waiting requests, up to max_num_tokens tokens and max_batch_size sequences
 (chunked prefill). New requests are admitted every step. When KV pages run out, the newest running
-sequence is preempted: its pages are freed and it is recomputed later (its tokens are kept)."""
+sequence is preempted: its pages are freed and it is recomputed later (its tokens are kept).
+With async scheduling (inflight.py) a sequence's token still in flight counts as known."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        """Does this step reach the sequence's last token (so a new token is sampled)?"""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        """Does this step reach the sequence's last token (so a new token is sampled)? A token still in
+        flight (async scheduling) counts as the sequence's."""
+        seq = self.seq
+        return seq.num_computed_tokens + self.num_tokens == seq.num_tokens + seq.num_pending
 
 
 class Scheduler:
@@ -49,23 +52,25 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_prefill_chunk)
-            while not bm.can_append(seq.seq_id, seq.num_computed_tokens + n):
+            if seq.num_pending and seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens:
+                i += 1  # its token in flight is its last (max_tokens): nothing more to compute
+                continue
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget, self.max_prefill_chunk)
+            while not bm.try_append_slots(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 break  # seq itself was the newest and got preempted
-            bm.append_slots(seq.seq_id, seq.num_computed_tokens + n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
         # 2. Waiting requests, first come first served, while budget and batch slots remain.
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if not bm.can_allocate(seq.token_ids):
-                break
+            if seq.num_pending or not bm.can_allocate(seq.token_ids):
+                break  # (a preempted sequence waits for its token in flight: prompts hold known tokens only)
             cached = bm.allocate(seq.seq_id, seq.token_ids)
             seq.num_computed_tokens = cached
             seq.num_cached_tokens = cached

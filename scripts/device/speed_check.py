@@ -1,8 +1,8 @@
 """On the GPU machine: quick engine-level speed and correctness checks of the 4b engine (working tool for
 issue 5; user-facing figures come from `qwentrt bench`). Prints and writes $OUT/speed.json:
 graphs-vs-eager agreement, batch-1 decode ITL (graphs and eager), TTFT of a 2,048-token prompt,
-the 36 layers' linears at 1 token under a CUDA graph, closed-loop throughput, and a profile of one
-decode step (top kernels)."""
+the 36 layers' linears at 1 token under a CUDA graph, closed-batch throughput with async scheduling off and
+on, and a profile of one decode step (top kernels)."""
 
 import gc
 import json
@@ -39,10 +39,13 @@ def free(engine):
     torch.cuda.empty_cache()
 
 
-def timed_steps(eng):
+def timed_steps(eng, sync=True):
+    """Seconds per step; sync=False leaves the GPU queue alone (async scheduling overlaps consecutive steps:
+    a step's time is then its share of the wall time)."""
     times = []
     while eng.has_unfinished():
-        torch.cuda.synchronize()
+        if sync:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t)
@@ -50,7 +53,7 @@ def timed_steps(eng):
 
 
 if "agree" in WHAT:  # one decode step through the CUDA graph vs eager, same cache state
-    eng = LLMEngine(ENGINE, num_blocks=512, max_batch_size=16)
+    eng = LLMEngine(ENGINE, num_blocks=512, max_batch_size=16, async_scheduling=False)  # no tokens in flight below
     for i, n in enumerate((20, 77, 300)):
         eng.add_request(f"a{i}", prompt_ids=rand_prompt(n, i),
                         params=SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
@@ -175,18 +178,23 @@ if "hostprof" in WHAT:  # where the host time of an eager (prefill) step goes: c
 
 if "throughput" in WHAT:
     for conc, isl, osl in ((64, 1000, 300), (256, 1000, 300)):
-        p = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
-        for i in range(conc):
-            eng.add_request(f"tp-{conc}-{i}", prompt_ids=rand_prompt(isl, 5000 + conc * 1000 + i), params=p)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        steps = timed_steps(eng)
-        wall = time.perf_counter() - t
-        tok = conc * osl
-        decode = sorted(steps)[len(steps) // 2]
-        res[f"throughput_c{conc}_isl{isl}_osl{osl}"] = {"wall_s": wall, "out_tok_s": tok / wall,
-                                                         "median_step_ms": decode * 1e3, "steps": len(steps)}
-        print(f"closed batch of {conc} x ({isl} in, {osl} out): {tok / wall:.0f} out tok/s, wall {wall:.1f} s, "
-              f"median step {decode * 1e3:.2f} ms ({conc / decode:.0f} tok/s at that step)", flush=True)
+        for overlap in (False, True):  # async scheduling off / on (qwentrt/engine/inflight.py)
+            eng.async_scheduling = overlap
+            p = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+            for i in range(conc):
+                eng.add_request(f"tp-{conc}-{int(overlap)}-{i}", prompt_ids=rand_prompt(isl, 5000 + conc * 1000 + i),
+                                params=p)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            steps = timed_steps(eng, sync=False)
+            wall = time.perf_counter() - t
+            tok = conc * osl
+            decode = sorted(steps)[len(steps) // 2]
+            name = "async" if overlap else "sync"
+            res[f"throughput_c{conc}_isl{isl}_osl{osl}_{name}"] = {
+                "wall_s": wall, "out_tok_s": tok / wall, "median_step_ms": decode * 1e3, "steps": len(steps)}
+            print(f"closed batch of {conc} x ({isl} in, {osl} out), {name} scheduling: {tok / wall:.0f} out tok/s, "
+                  f"wall {wall:.1f} s, median step {decode * 1e3:.2f} ms ({conc / decode:.0f} tok/s at that step)",
+                  flush=True)
     save()
 print(json.dumps(res))
