@@ -47,8 +47,11 @@ def timed_steps(eng, sync=True):
         if sync:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        eng.step()
+        outs = eng.step()
         times.append(time.perf_counter() - t)
+        for o in outs:
+            if o.finish_reason == "error":
+                raise RuntimeError(f"step fault in the measurement: {o.error}")
     return times
 
 
