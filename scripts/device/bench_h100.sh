@@ -20,9 +20,9 @@ json.dump(e, open(p, "w"), indent=1)
 PY
 keep() { mkdir -p "$OUT/$2"; cp "$1"/report.md "$1"/*.png "$OUT/$2/" 2>/dev/null; gzip -c "$1/results.json" > "$OUT/$2/results.json.gz"; }
 timeout -s INT ${LIMIT1:-380} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 1000 -c ${CONC:-1,16,64,256} \
-  --duration ${DURATION:-6} --point-timeout 120 --mode both -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
+  --duration ${DURATION:-6} --point-timeout 120 --mode both ${BENCH_EXTRA:-} -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
 keep /tmp/bench-main bench-main
-timeout -s INT ${LIMIT2:-130} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 200 -c 64 -n 64 --mode served \
+[ "${PA:-1}" = 0 ] || timeout -s INT ${LIMIT2:-130} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 200 -c 64 -n 64 --mode served \
   --perf-analyzer --perf-analyzer-ms 8000 -o /tmp/bench-pa 2>&1 | grep -v "Warning\|warn" | tail -25
 keep /tmp/bench-pa bench-pa
 for f in /tmp/bench-pa/perf_analyzer/*/*.log /tmp/bench-pa/perf_analyzer/*/*.csv; do [ -f "$f" ] && cp "$f" "$OUT/bench-pa/"; done; tail -5 /tmp/bench-pa/perf_analyzer/*/*.log 2>/dev/null
