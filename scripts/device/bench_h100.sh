@@ -2,7 +2,8 @@
 # On the GPU machine, one call (carry [".carry"]): synth + build the 4b engine without tuning, take the
 # kernel configs tuned on this H100 in an earlier build (scripts/device/h100_kernels.json, from
 # `qwentrt build --tune`), then `qwentrt bench` engine-direct and served at 1000/1000 over the
-# concurrency sweep, and perf_analyzer at concurrency 64. Results under $OUT/bench-*.
+# concurrency sweep, and perf_analyzer at concurrency 64 (PA=0 skips it; TTFT=1 adds the 2,048-token batch-1
+# TTFT point). Results under $OUT/bench-*.
 set -uo pipefail
 eval "$(bash .carry/setup.sh)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -22,6 +23,11 @@ keep() { mkdir -p "$OUT/$2"; cp "$1"/report.md "$1"/*.png "$OUT/$2/" 2>/dev/null
 timeout -s INT ${LIMIT1:-380} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 1000 -c ${CONC:-1,16,64,256} \
   --duration ${DURATION:-6} --point-timeout 120 --mode both ${BENCH_EXTRA:-} -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
 keep /tmp/bench-main bench-main
+if [ "${TTFT:-0}" = 1 ]; then  # the TTFT point: a 2,048-token prompt at batch 1, engine-direct
+  timeout -s INT ${LIMIT3:-120} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 2048 --osl 16 -c 1 -n 8 --mode engine \
+    -o /tmp/bench-ttft 2>&1 | grep -v "Warning\|warn" | tail -6
+  keep /tmp/bench-ttft bench-ttft
+fi
 [ "${PA:-1}" = 0 ] || timeout -s INT ${LIMIT2:-130} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 200 -c 64 -n 64 --mode served \
   --perf-analyzer --perf-analyzer-ms 8000 -o /tmp/bench-pa 2>&1 | grep -v "Warning\|warn" | tail -25
 keep /tmp/bench-pa bench-pa
