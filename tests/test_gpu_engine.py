@@ -67,17 +67,24 @@ def test_an_engine_for_another_gpu_is_refused_unless_allowed(tiny_engine):
     LLMEngine(tiny_engine, device="cuda", num_blocks=16, allow_gpu_mismatch=True)
 
 
-def test_cuda_graph_decode_matches_eager_decode(cuda_engine):
-    """One decode step of a mixed-length batch: the captured graph (padded to its batch size, full-width
-    block table) against the eager forward on the same cache state."""
-    # synchronous steps: the batch scheduled below then holds no token in flight (placeholder)
-    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=False)
+def _decoding_engine(engine_dir, prompt_lens) -> LLMEngine:
+    """A CUDA engine with graphs, one greedy request per prompt length, stepped past their prefills.
+    Synchronous steps: a batch scheduled next holds no token in flight (placeholder), so the test can run it
+    through runner.run by itself."""
+    eng = LLMEngine(engine_dir, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=False)
     assert eng.runner.graphs is not None
-    for i, n in enumerate((5, 40, 77)):
+    for i, n in enumerate(prompt_lens):
         eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
                         params=SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
     for _ in range(3):
         eng.step()
+    return eng
+
+
+def test_cuda_graph_decode_matches_eager_decode(cuda_engine):
+    """One decode step of a mixed-length batch: the captured graph (padded to its batch size, full-width
+    block table) against the eager forward on the same cache state."""
+    eng = _decoding_engine(cuda_engine, (5, 40, 77))
     batch = eng.scheduler.schedule()
     assert all(item.num_tokens == 1 for item in batch)
     graphed, seqs = eng.runner.run(batch, eng.block_manager)
@@ -96,13 +103,7 @@ def test_fused_kernels_match_the_reference_composition(cuda_engine, monkeypatch)
     (the composition they replace)."""
     from qwentrt.engine.kernels import ops, reference
 
-    eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256, max_batch_size=16, async_scheduling=False)
-    assert eng.runner.graphs is not None
-    for i, n in enumerate((5, 300, 700)):
-        eng.add_request(f"r{i}", prompt_ids=torch.randint(0, 151000, (n,)).tolist(),
-                        params=SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
-    for _ in range(3):
-        eng.step()
+    eng = _decoding_engine(cuda_engine, (5, 300, 700))
 
     def both(batch):
         fast, seqs = eng.runner.run(batch, eng.block_manager)

@@ -38,8 +38,8 @@ INTERPRET_SCRIPT = textwrap.dedent("""
             out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], group, cfg)
             assert not torch.isnan(out).any()
             worst = max(worst, float((out - ref).norm() / ref.norm()))
-    from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv, _workspace
-    ws, counts = _workspace(torch.device("cpu"))
+    from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv, split_k_workspace
+    ws, counts = split_k_workspace(torch.device("cpu"))
     assert not ws.any() and not counts.any()
     for m, n, k, group, split, bn in [(1, 64, 256, 128, 1, 32), (3, 128, 512, 128, 2, 64), (2, 72, 256, 64, 4, 16)]:
         t = random_awq(n, k, group)
@@ -50,7 +50,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
                              {"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split})
             assert not torch.isnan(out).any()
             worst = max(worst, float((out - ref).norm() / ref.norm()))
-        ws, counts = _workspace(x.device)
+        ws, counts = split_k_workspace(x.device)
         assert not ws.any() and not counts.any()
     from qwentrt.engine.kernels.w4a16 import awq_dequantize
     for n, k, group in [(64, 256, 128), (200, 192, 64)]:

@@ -16,13 +16,10 @@ import torch
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of host values on `device`, without a stream sync (pinned staging, non_blocking copy;
     PyTorch's pinned-memory cache keeps the staging block until the copy has run)."""
-    if isinstance(values, np.ndarray):  # torch cannot pin a tensor made from numpy: copy into a pinned one
-        host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
-        if device.type == "cpu":
-            return host
-        pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
-        pinned.copy_(host)
-        return pinned.to(device, non_blocking=True)
+    if isinstance(values, np.ndarray):  # torch cannot pin a tensor made from numpy: one copy into a pinned one
+        host = torch.empty(values.shape, dtype=dtype, pin_memory=device.type != "cpu")
+        host.copy_(torch.from_numpy(values))
+        return host if device.type == "cpu" else host.to(device, non_blocking=True)
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

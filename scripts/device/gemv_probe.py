@@ -1,20 +1,23 @@
-"""Where does the W4A16 GEMV's time go? (H100 lab, not a test.) For each linear shape at 1 token, under CUDA
-graphs over L2-defeating copies: the tuned kernel; the same tiling with the ALU work removed (load-only); the
-same with the weights read from one small L2-resident copy (ALU-bound); a config sweep of single-pass tiles
-(GemLite-like: one [BK, BN] tile per program, split-K = K / BK). Plus a SASS instruction histogram."""
+"""Where does a W4A16 GEMV's time go? (H100 lab, not a test: docs/KERNEL_NOTES.md, "GEMV v5".) For each linear
+shape at 1 token, under CUDA graphs over L2-defeating copies: the production GEMV with this H100's tuned configs
+(scripts/device/h100_kernels.json); the first GEMV's structure (one reduction over rows per tile, BLOCK_N 128,
+BLOCK_K 128, 4 warps) as a probe kernel, whole, with the arithmetic removed (load-only: the memory side's
+time), and with the weights read from one small cache-resident slice (ALU-only); a SASS instruction
+histogram of the production kernel (nvdisasm). Choosing configs is `qwentrt build --tune`'s job."""
 
 from __future__ import annotations
 
 import collections
+import json
 import re
-import sys
-import time
+import subprocess
+import tempfile
 
 import torch
 import triton
 import triton.language as tl
 
-from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv, _workspace
+from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
 from qwentrt.engine.tuning import _random_weights, time_in_graph
 
 
@@ -68,57 +71,42 @@ def probe(x, qw, qz, s, group, cfg, mode):
 
 
 def sass_histogram(compiled) -> str:
-    try:
-        sass = compiled.asm["sass"]
-    except Exception as e:  # noqa: BLE001
-        return f"(no sass: {e})"
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        mt = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
-        if mt:
-            ops[mt.group(2)] += 1
-    return " ".join(f"{k}:{v}" for k, v in ops.most_common(22))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run(["nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass))
+    return f"{sum(ops.values())} instructions: " + " ".join(f"{k}:{v}" for k, v in ops.most_common(24))
 
 
 SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
-TUNED = {"6144x2560": 8, "2560x4096": 16, "19456x2560": 8, "2560x9728": 16}
+FIRST_GEMV_SPLIT = {"6144x2560": 8, "2560x4096": 16, "19456x2560": 8, "2560x9728": 16}  # its tuned split-K
+
+
+def probe_shape(name: str, n: int, k: int, cfg: dict, group: int = 128) -> None:
+    from qwentrt.engine.kernels import w4a16_gemv as gemv_module
+    ws = _random_weights(n, k, group, torch.device("cuda"))
+    nbytes = k * n // 2
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    t = time_in_graph(lambda: [w4a16_gemv(x, *w, group, cfg) for w in ws]) / len(ws)
+    line = [f"{name:8s} production {t * 1e3:6.1f} us ({nbytes / t / 1e6:5.0f} GB/s of int4)"]
+    first = dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=FIRST_GEMV_SPLIT[f"{n}x{k}"], num_warps=4, num_stages=3)
+    for mode, label in ((0, "first GEMV"), (1, "load-only"), (2, "ALU-only")):
+        tp = time_in_graph(lambda: [probe(x, *w, group, first, mode) for w in ws]) / len(ws)
+        line.append(f"{label} {tp * 1e3:6.1f} us")
+    print(" | ".join(line), flush=True)
+    if name == "gate_up":
+        try:  # the compiled kernel from the JIT's cache (an internal of triton 3.x)
+            cache = gemv_module._w4a16_gemv_kernel.device_caches[torch.cuda.current_device()][0]
+            print("  SASS, production kernel:", sass_histogram(next(iter(cache.values()))), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  (no SASS: {type(e).__name__}: {e})")
 
 
 def main():
-    dev = torch.device("cuda")
-    group = 128
+    tuned = json.load(open("scripts/device/h100_kernels.json"))["w4a16_gemv"]
     for name, (n, k) in SHAPES.items():
-        key = f"{n}x{k}"
-        ws = _random_weights(n, k, group, dev)
-        nbytes = k * n // 2
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        cfg = dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=TUNED[key], num_warps=4, num_stages=3)
-        t = time_in_graph(lambda: [w4a16_gemv(x, *w, group, cfg) for w in ws]) / len(ws)
-        line = [f"{name:8s} tuned {t * 1e3:6.1f} us ({nbytes / t / 1e9:4.0f} GB/s)"]
-        for mode, label in ((0, "probe"), (1, "load-only"), (2, "alu-only")):
-            tp = time_in_graph(lambda: [probe(x, *w, group, cfg, mode) for w in ws]) / len(ws)
-            line.append(f"{label} {tp * 1e3:6.1f}")
-        print(" | ".join(line), flush=True)
-        if name == "gate_up":
-            print("  SASS tuned-config probe:", sass_histogram(probe(x, *ws[0], group, cfg, 0)), flush=True)
-        # single-pass and small-tile sweep of the production kernel
-        res = []
-        for bn, bk, warps in [(64, 32, 1), (128, 32, 1), (128, 32, 2), (256, 32, 2), (256, 16, 2), (256, 32, 4),
-                              (512, 16, 4), (512, 32, 4), (128, 64, 2), (256, 64, 4), (64, 64, 1), (128, 128, 4)]:
-            for split in sorted({k // bk, k // bk // 2, k // bk // 4, 8, 16}):
-                if split < 1 or split > k // bk:
-                    continue
-                c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=2)
-                try:
-                    tc = time_in_graph(lambda: [w4a16_gemv(x, *w, group, c) for w in ws]) / len(ws)
-                except Exception as e:  # noqa: BLE001
-                    print("   fail", c, str(e)[:80])
-                    continue
-                res.append((tc, c))
-        res.sort(key=lambda r: r[0])
-        for tc, c in res[:5]:
-            print(f"    {tc * 1e3:6.1f} us ({nbytes / tc / 1e9:4.0f} GB/s) {c}", flush=True)
-        del ws
+        probe_shape(name, n, k, tuned[f"{n}x{k}"])
         torch.cuda.empty_cache()
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from qwentrt.engine.kernels import reference
+from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, w4a16_gemv
+
 try:
     import triton
     import triton.language as tl
@@ -127,8 +130,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     x = x.contiguous()
     split = cfg["SPLIT_K"]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    from qwentrt.engine.kernels.w4a16_gemv import _workspace
-    ws, counts = _workspace(x.device)
+    ws, counts = split_k_workspace(x.device)
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         split = 1  # more outputs than the split-K workspace holds: the grid is large enough without a split
         grid = grid[:2] + (1,)
@@ -174,8 +176,6 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                group_size: int, configs: dict | None = None) -> torch.Tensor:
     """The engine's W4A16 linear on CUDA: the Triton GEMM below `w4a16_prefill_min_tokens` tokens, the
     Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU."""
-    from qwentrt.engine.kernels import reference
-
     configs = configs or {}
     if x.device.type != "cuda" or triton is None:
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
@@ -183,8 +183,7 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if m >= configs.get("w4a16_prefill_min_tokens", 512):
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
     n, k = scales.shape[1], qweight.shape[0]
-    if m <= configs.get("w4a16_gemv_max_tokens", 0) and n % 8 == 0 and k % min(128, group_size) == 0:
-        from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+    if m <= configs.get("w4a16_gemv_max_tokens", 0) and n % 8 == 0 and k % group_size == 0:
         gemv = configs.get("w4a16_gemv", {})
         return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv.get(f"{n}x{k}") or gemv.get("default"))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,

@@ -29,8 +29,6 @@ try:
 except ImportError:
     triton = None
 
-MAGIC = 0x4B000000  # float32 bits of 2^23
-MAGIC_F = 8388608.0
 
 if triton is not None:
 
@@ -101,8 +99,9 @@ WORKSPACE_FLOATS = 1 << 22  # 16 MiB: M * N of the largest call (e.g. 16 tokens 
 MAX_TILES = 1 << 16
 
 
-def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Persistent zeroed float32 workspace and tile counters (the kernel leaves them zero)."""
+def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Persistent zeroed float32 workspace and tile counters, shared by the GEMV and the GEMM (w4a16.py):
+    each kernel leaves them zero, and both run on the engine's one stream."""
     if device not in _workspaces:
         _workspaces[device] = (torch.zeros(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
                                torch.zeros(MAX_TILES, dtype=torch.int32, device=device))
@@ -119,15 +118,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     n = scales.shape[1]
     block_k = min(cfg["BLOCK_K"], group_size)
     if group_size % block_k or k % group_size:
-        raise ValueError(f"W4A16 GEMV: BLOCK_K {block_k} must divide the group size {group_size}, and the group "
-                         f"size K ({k})")
+        raise ValueError(f"W4A16 GEMV: BLOCK_K ({block_k}) must divide the group size ({group_size}), and the "
+                         f"group size must divide K ({k})")
     if n % 8:
         raise ValueError(f"W4A16 GEMV: N ({n}) must be a multiple of 8")
     x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = max(1, min(cfg["SPLIT_K"], k // group_size))  # a split owns whole groups
     grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), split)
-    ws, counts = _workspace(x.device)
+    ws, counts = split_k_workspace(x.device)
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
