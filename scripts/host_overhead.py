@@ -2,12 +2,20 @@
 
     python scripts/host_overhead.py                       # batch 64 and 256, CUDA-graph path emulated
     python scripts/host_overhead.py --batch 256 --eager   # the eager (non-graph) input path instead
+    python scripts/host_overhead.py --batch 0 64 --prefill 2048   # prefill / mixed steps (eager path)
+    python scripts/host_overhead.py --batch 0 --prefill 2048 --real-model   # ... with the tiny model's forward
 
 Builds the tiny CPU engine the tests use (cached under --cache), replaces the model's forward and logits
 by stubs (logits: a bank of random [batch, --vocab] rows, so tokens vary and the detokenizer does real
 work) and, unless --eager, emulates the CUDA-graph decode path on the CPU (the static input buffers are
 filled exactly as on the GPU; replay is a no-op). All requests are admitted and prefilled, then
 --steps pure-decode steps are timed (ignore_eos, long max_tokens).
+
+--prefill N: every timed step also admits a new request of N prompt tokens (max_tokens 1, fresh random ids:
+no prefix-cache hits), so each step is a mixed step (the --batch decodes plus one N-token prefill; --batch 0:
+a lone prefill), which runs the eager path. --real-model keeps the tiny engine's model (its CPU forward, torch
+reference kernels: compute included, 2 layers) instead of the stub, and reports its forward as "model" and
+the lm_head as "logits" (input prep is then the runner's run() minus both).
 
 Prints milliseconds per step: schedule, input prep (host inputs, block tables, tensors; the runner's
 whole run() minus the stubbed model), sampler, bookkeeping (mark computed, append, detokenize, stop
@@ -85,7 +93,7 @@ class StubModel:
         self.i += 1
         return self.bank[self.i % len(self.bank), :n].clone()  # the sampler may edit logits in place
 
-    def __call__(self, input_ids, meta, kv_caches):
+    def __call__(self, input_ids, meta, kv_caches):  # (a fresh row per sequence that samples)
         return torch.empty(len(meta.logits_indices), 1)
 
     def compute_logits(self, hidden):
@@ -145,17 +153,23 @@ class SimulatedGPU:
 
 
 def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: int, eager: bool,
-            sampling: bool, async_scheduling: bool | None, gpu_ms: float = 0.0) -> dict[str, float]:
+            sampling: bool, async_scheduling: bool | None, gpu_ms: float = 0.0, prefill: int = 0,
+            real_model: bool = False) -> dict[str, float]:
     block = 32
-    pages = batch * (-(-(prompt_len + steps + 64) // block) + 1)
+    pages = batch * (-(-(prompt_len + steps + 64) // block) + 1) + 2 * (-(-prefill // block) + 1)
     kw = {} if async_scheduling is None else {"async_scheduling": async_scheduling}
     engine = LLMEngine(engine_dir, device="cpu", dtype=torch.float32, allow_gpu_mismatch=True, num_blocks=pages,
-                       max_batch_size=batch, max_num_tokens=max(8192, batch), **kw)
-    stub = StubModel(max(batch, 8192), vocab)
-    engine.runner.model = stub
-    if not eager:
-        emulate_graphs(engine, stub)
+                       max_batch_size=batch + (2 if prefill else 0), max_num_tokens=max(8192, batch + prefill), **kw)
     timer = Timer()
+    if real_model:
+        vocab = engine.config.model.vocab_size
+        timer.wrap(engine.runner.model, "forward", "model")
+        timer.wrap(engine.runner.model, "compute_logits", "logits")
+    else:
+        stub = StubModel(max(batch, 8) + 2, vocab)
+        engine.runner.model = stub
+        if not eager:
+            emulate_graphs(engine, stub)
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "run", "input prep")
     if hasattr(engine.sampler, "sample"):
@@ -177,17 +191,23 @@ def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: in
         engine.step()
     for _ in range(5):  # warm-up decodes
         engine.step()
+    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=params.temperature, top_p=params.top_p)
     timer.on = True
-    for _ in range(steps):
+    for i in range(steps):
+        if prefill:
+            engine.add_request(f"p{i}", params=one, prompt_ids=torch.randint(0, vocab, (prefill,), generator=g).tolist())
         engine.step()
     timer.on = False
     if gpu is not None:
         gpu.close()
-    assert len(engine.scheduler.running) == batch and not engine.scheduler.waiting
+    assert batch <= len(engine.scheduler.running) <= batch + bool(prefill) and not engine.scheduler.waiting
     stat = statistics.median if STAT == "median" else min
     med = {k: stat(v) for k, v in timer.ms.items()}
     med.setdefault("wait", 0.0)
-    med["bookkeeping"] = med["total"] - med["schedule"] - med["input prep"] - med["sampler"] - med["wait"]
+    if real_model:
+        med["input prep"] -= med["model"] + med["logits"]
+    med["bookkeeping"] = (med["total"] - med["schedule"] - med["input prep"] - med["sampler"] - med["wait"]
+                          - med.get("model", 0.0) - med.get("logits", 0.0))
     med["host"] = med["total"] - med["wait"]
     med["gpu idle"] = med["total"] - gpu_ms if gpu_ms else 0.0
     return med
@@ -207,24 +227,30 @@ def main() -> None:
                     help="per column over the timed steps; min is steadier on a busy machine")
     ap.add_argument("--gpu-ms", type=float, default=0.0,
                     help="pretend each step takes this long on a device (SimulatedGPU): adds wall and GPU-idle columns")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="each timed step also prefills a new prompt of this many tokens (mixed / prefill steps)")
+    ap.add_argument("--real-model", action="store_true",
+                    help="keep the tiny model's CPU forward (timed as 'model') instead of the stub")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qwentrt-host-overhead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     global STAT
     STAT = args.stat
     engine_dir = tiny_engine(args.cache)
-    cols = ["schedule", "input prep", "sampler", "bookkeeping", "host"]
+    cols = ["schedule", "input prep"] + (["model", "logits"] if args.real_model else []) + ["sampler", "bookkeeping", "host"]
     if args.gpu_ms:
         cols += ["wait", "total", "gpu idle"]
-    path = "eager" if args.eager else "cuda-graph (emulated)"
-    print(f"host ms per decode step ({args.stat} of {args.steps}, best of {args.repeat} runs), {path} path, "
+    path = "eager" if args.eager or args.prefill else "cuda-graph (emulated)"
+    kind = f"mixed step (decodes + one {args.prefill}-token prefill)" if args.prefill else "decode step"
+    print(f"host ms per {kind} ({args.stat} of {args.steps}, best of {args.repeat} runs), {path} path, "
           f"{'sampling' if args.sampling else 'greedy'}, prompt {args.prompt_len}, "
           f"async scheduling {'off' if args.sync else 'as the engine defaults'}"
           + (f", simulated GPU step {args.gpu_ms} ms" if args.gpu_ms else ""))
     print(f"{'batch':>6} " + " ".join(f"{c:>12}" for c in cols))
     for b in args.batch:
         runs = [measure(engine_dir, b, args.steps, args.prompt_len, args.vocab, args.eager, args.sampling,
-                        False if args.sync else None, args.gpu_ms) for _ in range(args.repeat)]
+                        False if args.sync else None, args.gpu_ms, args.prefill, args.real_model)
+                for _ in range(args.repeat)]
         med = min(runs, key=lambda m: m["host"])  # (a shared machine: the least disturbed run)
         print(f"{b:>6} " + " ".join(f"{med[c]:>12.2f}" for c in cols), flush=True)
 
