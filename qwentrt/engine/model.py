@@ -5,7 +5,7 @@ their K/V go. Kernels come from qwentrt.engine.kernels (torch references on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from qwentrt.config import EngineConfig, Qwen3Config
 from qwentrt.engine.kernels import ops
+from qwentrt.engine.kernels.prefill_attention import PrefillBatch
 
 
 @dataclass
@@ -24,10 +25,10 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] token offsets of each sequence in the flat batch
     context_lens: torch.Tensor  # [B] tokens of context (cached + this step's) per sequence
     logits_indices: torch.Tensor  # [n] which rows of the output need logits (a sequence's last token)
-    # Host-side layout (no device reads): the first num_decodes sequences have one query token each;
-    # prefill_spans = (row, first token, end token, context length) of every other sequence.
+    # Layout: the first num_decodes sequences have one query token each (a host int: no device reads);
+    # every other sequence is in `prefill` (its spans, gathered-context slots, varlen offsets), None if none.
     num_decodes: int = 0
-    prefill_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+    prefill: PrefillBatch | None = None
 
 
 class Linear(nn.Module):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qwentrt.config import EngineConfig
 from qwentrt.engine.block_manager import BlockManager
 from qwentrt.engine.cuda_graphs import DecodeGraphs, TableRows
 from qwentrt.engine.inflight import resolve_placeholders
+from qwentrt.engine.kernels.prefill_attention import PrefillBatch, prefill_layout, varlen_available
 from qwentrt.engine.model import AttentionMetadata, load_model
 from qwentrt.engine.scheduler import ScheduledSeq
 from qwentrt.engine.sequence import Sequence
@@ -38,6 +40,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
                            torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
         self.max_pages = -(-engine.limits.max_seq_len // self.block_size)
+        if device.type == "cuda":  # probe the one-call prefill attention now, not inside the first prefill step
+            varlen_available(self.kv_caches[0][0].device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
+                             cfg.head_dim)
         self.graphs: DecodeGraphs | None = None  # capture_cuda_graphs() on CUDA
         self._table_rows = TableRows(0, self.max_pages)  # the eager path's block tables (grown on demand)
 
@@ -61,8 +66,11 @@ class ModelRunner:
         return sorted(batch, key=lambda item: item.num_tokens > 1)
 
     def _host_inputs(self, batch: list[ScheduledSeq], bm: BlockManager):
-        """Host lists of the batch's inputs. A token still in flight (async scheduling) is the placeholder
-        ~row (inflight.resolve_placeholders), row being its row in the previous step's sampled tokens."""
+        """Host lists of the batch's inputs: input ids of every token, positions and slots of the decodes (the
+        first len(positions) sequences: `prepare` derives the prefill tokens' from the block tables, numpy),
+        cu (token offsets), context lengths and block tables of every sequence. A token still in flight (async
+        scheduling) is the placeholder ~row (inflight.resolve_placeholders), row being its row in the previous
+        step's sampled tokens."""
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
         bs = self.block_size
         total = 0
@@ -80,8 +88,6 @@ class ModelRunner:
                 input_ids.extend(known[start:end])
                 if end > len(known):  # (only the last token can be in flight)
                     input_ids.append(~seq.pending_row)
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             total += n
             cu.append(total)
             ctx.append(end)
@@ -89,23 +95,44 @@ class ModelRunner:
         return input_ids, positions, slots, cu, ctx, tables
 
     def prepare(self, batch: list[ScheduledSeq], bm: BlockManager, host=None) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The flat token batch and its metadata; batch must be in `order` (host: its `_host_inputs`)."""
+        """The flat token batch and its metadata, built once per step (every layer reads the same); one upload
+        of the step's integers and one of its block tables. batch must be in `order` (host: its `_host_inputs`)."""
         input_ids, positions, slots, cu, ctx, tables = host or self._host_inputs(batch, bm)
-        num_decodes = sum(1 for item in batch if item.num_tokens == 1)
-        spans = [(b, cu[b], cu[b + 1], ctx[b]) for b in range(num_decodes, len(batch))]
-        logits_idx = [cu[b + 1] - 1 for b, item in enumerate(batch) if item.samples]
-        dev = self.device
-        flat = to_device(input_ids + positions + slots + cu + ctx + logits_idx, torch.long, dev)
-        t, b = len(input_ids), len(batch)
-        ids, pos, slot, cu_t, ctx_t, logits_t = flat.split([t, t, t, b + 1, b, len(logits_idx)])
-        if len(tables) > len(self._table_rows.np):
-            self._table_rows = TableRows(max(len(tables), 2 * len(self._table_rows.np)), self.max_pages)
+        b = len(batch)
+        d = len(positions)  # the decodes, first
+        if b > len(self._table_rows.np):
+            self._table_rows = TableRows(max(b, 2 * len(self._table_rows.np)), self.max_pages)
         self._table_rows.fill(tables)
+        rows = self._table_rows.np
         width = max(len(t) for t in tables)
+        logits_idx = [cu[i + 1] - 1 for i, item in enumerate(batch) if item.samples]
+        layout = None
+        parts = [np.asarray(input_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)]
+        if d < b:
+            layout = prefill_layout(rows[d:b], cu[d:], ctx[d:], self.block_size)
+            parts += [layout.positions, np.asarray(slots, dtype=np.int64), layout.slots]
+        else:
+            parts.append(np.asarray(slots, dtype=np.int64))
+        parts.append(np.asarray(cu + ctx + logits_idx, dtype=np.int64))
+        if layout is not None:
+            parts += [layout.kv_slots, layout.cu_seq_q, layout.cu_seq_k]
+        dev = self.device
+        flat = to_device(np.concatenate(parts), torch.long, dev)
+        t = len(input_ids)
+        sizes = [t, t, t, b + 1, b, len(logits_idx)]
+        if layout is not None:
+            sizes += [len(layout.kv_slots), 2 * (b - d + 1)]
+        ids, pos, slot, cu_t, ctx_t, logits_t, *rest = flat.split(sizes)
+        prefill = None
+        if layout is not None:
+            kv_slots, offsets = rest
+            offsets = offsets.to(torch.int32)
+            prefill = PrefillBatch(layout.spans, kv_slots, offsets[:b - d + 1], offsets[b - d + 1:], layout.max_q,
+                                   layout.max_k)
         meta = AttentionMetadata(positions=pos, slot_mapping=slot,
-                                 block_tables=to_device(self._table_rows.np[:b, :width], torch.int32, dev),
+                                 block_tables=to_device(rows[:b, :width], torch.int32, dev),
                                  cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t,
-                                 num_decodes=num_decodes, prefill_spans=spans)
+                                 num_decodes=d, prefill=prefill)
         return ids, meta
 
     @torch.no_grad()

@@ -97,15 +97,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
 
 def attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale):
     """Attention of a mixed batch laid out decodes first (AttentionMetadata): the first meta.num_decodes
-    sequences have one query token each (the split-KV decode kernel on CUDA), the rest (meta.prefill_spans)
-    run prefill/extend attention over their pages."""
+    sequences have one query token each (the split-KV decode kernel on CUDA), the rest (meta.prefill) run
+    prefill/extend attention over their pages, all in one call (prefill_attention.py)."""
     d = meta.num_decodes
-    if not meta.prefill_spans:
+    if meta.prefill is None:
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
                                k_scale, v_scale)
-    out = torch.empty_like(q)
-    if d:
-        out[:d] = paged_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.cu_seqlens_q[:d + 1],
-                                  meta.context_lens[:d], scale, k_scale, v_scale)
-    _prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.prefill_spans, scale, k_scale, v_scale, out)
-    return out
+    prefill = _prefill_attention(q, k_cache, v_cache, meta.prefill, scale, k_scale, v_scale)
+    if not d:
+        return prefill
+    decode = paged_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.cu_seqlens_q[:d + 1],
+                             meta.context_lens[:d], scale, k_scale, v_scale)
+    return torch.cat([decode, prefill])
