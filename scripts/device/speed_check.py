@@ -1,6 +1,7 @@
 """On the GPU machine: quick engine-level speed and correctness checks of the 4b engine (working tool for
 issue 5; user-facing figures come from `qwentrt bench`). Prints and writes $OUT/speed.json:
-graphs-vs-eager agreement, batch-1 decode ITL (graphs and eager), TTFT of a 2,048-token prompt,
+graphs-vs-eager agreement, batch-1 decode ITL (graphs and eager), TTFT of a 2,048-token prompt (bare, then
+1,000 and 2,048-token text prompts through the bench's loop and by hand with a per-step breakdown: ttft_probe.py),
 the 36 layers' linears at 1 token under a CUDA graph, closed-batch throughput with async scheduling off and
 on, and a profile of one decode step (top kernels)."""
 
@@ -113,6 +114,13 @@ if "ttft" in WHAT:
     res["ttft_2048_ms"] = statistics.median(ttfts[1:]) * 1e3
     print(f"TTFT 2048-token prompt, batch 1: median {res['ttft_2048_ms']:.1f} ms ({[round(x*1e3,1) for x in ttfts]})",
           flush=True)
+    save()
+    # As `qwentrt bench` measures it (text prompt, add_request, step() until the first token, its own loop, its
+    # NVML thread), then by hand with the host time of each phase of each step() and a synchronized breakdown
+    # (ttft_probe.py). TTFT_OSL=1,64,1000 adds the bench's C 1 point's OSL (slow: 3 s of decode per request).
+    from ttft_probe import ttft_report
+    osls = tuple(int(x) for x in os.environ.get("TTFT_OSL", "1,64").split(","))
+    ttft_report(eng, lengths=(1000, 2048), osls=osls, repeats=int(os.environ.get("TTFT_REPEATS", "5")), out=res)
     save()
 
 if "linears" in WHAT:
