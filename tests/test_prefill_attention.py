@@ -7,6 +7,8 @@ call for every sequence) in bf16 / fp16 at Qwen3-4B's head layout, and the SDPA 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,69 @@ def test_only_decodes_go_to_paged_attention_cpu():
     assert meta.prefill is None
     out = ops.attention(case.q, case.k_cache, case.v_cache, meta, case.scale, case.k_scale, case.v_scale)
     assert max_rel(out, case.reference()) < 1e-5
+
+
+# Three signatures torch's varlen_attn has had (2.10; 2.11; 2.12 and later), as CPU stand-ins: SDPA per sequence
+# with a bottom-right causal mask (FlashAttention's convention); they check what the caller passes.
+def _fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+    assert causal, "prefill attention is causal"
+    assert gqa or q.shape[1] == k.shape[1], "GQA without enable_gqa (2.12+ refuses it)"
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    assert cq[0] == 0 and cq[-1] == q.shape[0] and ck[0] == 0 and ck[-1] == k.shape[0]
+    assert max_q == max(b - a for a, b in zip(cq, cq[1:])) and max_k == max(b - a for a, b in zip(ck, ck[1:]))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.cat([pf._sdpa(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], scale)
+                      for i in range(len(cq) - 1)])
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, True)
+
+
+def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    return _fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, True)
+
+
+def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    return _fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, enable_gqa)
+
+
+@pytest.mark.parametrize("fn", [varlen_2_10, varlen_2_11, varlen_2_12])
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.float32])
+def test_varlen_call_for_each_torch_signature_cpu(fn, kv_dtype, monkeypatch):
+    """The one-call path's plumbing (keywords, offsets, maxima, the FP8 K scale folded or applied, decodes
+    first) through a CPU stand-in of each signature."""
+    kw, has_scale = pf._varlen_kwargs(fn)
+    assert has_scale == ("scale" in inspect.signature(fn).parameters)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(pf, "_varlen_attn", spy)
+    monkeypatch.setattr(pf, "_VARLEN_KW", kw)
+    monkeypatch.setattr(pf, "_VARLEN_SCALE", has_scale)
+    monkeypatch.setattr(pf, "varlen_available", lambda *a: True)
+    seqs = [(1, 40), (1, 3)] + random_prefills(4, 16)
+    case = Case(seqs, 8, 2, 64, 16, kv_dtype, torch.float32)
+    out = ops.attention(case.q, case.k_cache, case.v_cache, case.metadata(), case.scale, case.k_scale, case.v_scale)
+    assert len(calls) == 1
+    assert max_rel(out, case.reference()) < 1e-5
+
+
+def test_no_varlen_without_the_default_scale_on_torch_2_10(monkeypatch):
+    """torch 2.10's varlen_attn takes no softmax scale: another scale than 1/sqrt(head_dim) goes to SDPA."""
+    monkeypatch.setattr(pf, "_varlen_attn", lambda *a, **k: pytest.fail("varlen_attn called"))
+    monkeypatch.setattr(pf, "_VARLEN_KW", {"is_causal": True})
+    monkeypatch.setattr(pf, "_VARLEN_SCALE", False)
+    monkeypatch.setattr(pf, "varlen_available", lambda *a: True)
+    case = Case(random_prefills(3, 16), 8, 2, 64, 16, FP8, torch.float32)
+    case.scale = 0.3
+    assert max_rel(case.prefill(), case.reference()) < 1e-5
 
 
 def test_no_varlen_on_the_cpu():

@@ -119,24 +119,25 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scale:
     return rows if scale is None else rows.mul_(scale)  # one rounding, as reference.dequantize_kv
 
 
-def _varlen_kwargs() -> dict | None:
-    """The causal / GQA keywords of the installed varlen_attn (torch 2.10: is_causal; 2.11: window_size;
-    2.12+: window_size and enable_gqa), None without one."""
-    if _varlen_attn is None:
-        return None
-    params = inspect.signature(_varlen_attn).parameters
+def _varlen_kwargs(fn) -> tuple[dict | None, bool]:
+    """The causal / GQA keywords of the installed varlen_attn (torch 2.10: is_causal, no scale; later:
+    window_size and scale; 2.12+: also enable_gqa; without it GQA is left to the kernel, which the probe
+    checks), None without one; and whether it takes a softmax scale."""
+    if fn is None:
+        return None, False
+    params = inspect.signature(fn).parameters
     if "window_size" in params:
         kw = {"window_size": (-1, 0)}
     elif "is_causal" in params:
         kw = {"is_causal": True}
     else:
-        return None
+        return None, False
     if "enable_gqa" in params:
         kw["enable_gqa"] = True
-    return kw
+    return kw, "scale" in params
 
 
-_VARLEN_KW = _varlen_kwargs()
+_VARLEN_KW, _VARLEN_SCALE = _varlen_kwargs(_varlen_attn)
 VARLEN_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -156,8 +157,7 @@ def varlen_available(device: torch.device, dtype: torch.dtype, num_heads: int, n
         v = torch.randn(sum(lens_k), num_kv_heads, head_dim, device=device, dtype=dtype, generator=g)
         cu_q, cu_k = [0, 5, 22], [0, 5, 45]
         out = _varlen_attn(q, k, v, torch.tensor(cu_q, device=device, dtype=torch.int32),
-                           torch.tensor(cu_k, device=device, dtype=torch.int32), 17, 40, scale=head_dim ** -0.5,
-                           **_VARLEN_KW)
+                           torch.tensor(cu_k, device=device, dtype=torch.int32), 17, 40, **_VARLEN_KW)
         err = 0.0
         for i in range(2):
             qb = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None].float()
@@ -182,13 +182,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     D] in q's dtype: attention of those rows."""
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     num_heads, head_dim = q.shape[1], q.shape[2]
-    sm_scale = scale * k_scale if fp8 else scale  # K's scale folded into the softmax scale
-    k = _gather(k_cache, batch.kv_slots, q.dtype, None)
+    varlen = varlen_available(q.device, q.dtype, num_heads, k_cache.shape[2], head_dim) and (
+        _VARLEN_SCALE or scale == head_dim ** -0.5)  # (torch 2.10's takes no scale: its default must do)
+    fold = fp8 and (_VARLEN_SCALE or not varlen)  # K's FP8 scale folded into the softmax scale
+    sm_scale = scale * k_scale if fold else scale
+    k = _gather(k_cache, batch.kv_slots, q.dtype, None if fold else k_scale)
     v = _gather(v_cache, batch.kv_slots, q.dtype, v_scale)
     qp = q[batch.q_start:batch.q_end]
-    if varlen_available(q.device, q.dtype, num_heads, k_cache.shape[2], head_dim):
-        return _varlen_attn(qp, k, v, batch.cu_seq_q, batch.cu_seq_k, batch.max_q, batch.max_k, scale=sm_scale,
-                            **_VARLEN_KW)
+    if varlen:
+        kw = dict(_VARLEN_KW, scale=sm_scale) if _VARLEN_SCALE else _VARLEN_KW
+        return _varlen_attn(qp, k, v, batch.cu_seq_q, batch.cu_seq_k, batch.max_q, batch.max_k, **kw)
     if len(batch.spans) == 1 and batch.spans[0][1] - batch.spans[0][0] == batch.max_k:  # one whole prompt
         return _sdpa(qp, k, v, sm_scale)
     out = torch.empty_like(qp)
