@@ -38,9 +38,9 @@ def finish_all(eng) -> None:
         eng.step()
 
 
-def bench_loop_ttft(eng, prompts: list[str], osl: int, nvml: bool = False) -> list[float]:
+def bench_loop_ttft(eng, prompts: list[str], osl: int, nvml: bool = False, no_gc: bool = False) -> list[float]:
     """TTFT (ms) of each prompt through the bench's EngineRunner._loop at concurrency 1 (greedy, ignore_eos,
-    max_tokens osl), the engine given (not a new one)."""
+    max_tokens osl), the engine given (not a new one); no_gc: Python's cyclic GC off during the loop."""
     from qwentrt.bench.runner_engine import EngineRunner
 
     runner = EngineRunner.__new__(EngineRunner)  # its loop over our engine (its __init__ would load another)
@@ -50,10 +50,15 @@ def bench_loop_ttft(eng, prompts: list[str], osl: int, nvml: bool = False) -> li
     if nvml:
         from qwentrt.bench.nvml import NvmlSampler
         sampler = NvmlSampler(str(eng.device)).start()
+    if no_gc:
+        gc.collect()
+        gc.disable()
     try:
         _sync(eng)
         records, _, _ = runner._loop(len(prompts), None, 1, lambda i: prompts[i], params, 600.0)
     finally:
+        if no_gc:
+            gc.enable()
         if sampler is not None:
             sampler.close()
     bad = [r.error for r in records if r.error]
@@ -124,7 +129,7 @@ def probe_ttft(eng, prompt: str, osl: int, sync: bool) -> dict:
     gcs = []
 
     def on_gc(phase, info):
-        gcs.append((phase, time.perf_counter()))
+        gcs.append((info.get("generation", -1), time.perf_counter()))
 
     gc.callbacks.append(on_gc)
     before = _alloc_counters(eng)
@@ -162,7 +167,8 @@ def probe_ttft(eng, prompt: str, osl: int, sync: bool) -> dict:
     gc_ms = sum(b[1] - a[1] for a, b in zip(gcs[::2], gcs[1::2])) * 1e3
     return {"ttft_ms": ttft * 1e3, "add_ms": t_add * 1e3, "add_sync_ms": add_tail * 1e3,
             "steps": [{k: v * 1e3 for k, v in s.items()} for s in steps], "sync_ms": [x * 1e3 for x in tails],
-            "alloc": {k: after[k] - before[k] for k in after}, "gc_collections": len(gcs) // 2, "gc_ms": gc_ms}
+            "alloc": {k: after[k] - before[k] for k in after}, "gc_collections": len(gcs) // 2, "gc_ms": gc_ms,
+            "gc_max_generation": max((g for g, _ in gcs), default=-1)}
 
 
 def describe(r: dict) -> str:
@@ -176,7 +182,7 @@ def describe(r: dict) -> str:
         if r["sync_ms"]:
             txt += f" +sync {r['sync_ms'][i]:.1f}"
         parts.append(txt)
-    tail = f"; gc {r['gc_collections']} ({r['gc_ms']:.1f} ms)"
+    tail = f"; gc {r['gc_collections']} ({r['gc_ms']:.1f} ms, oldest generation {r['gc_max_generation']})"
     if r["alloc"]:
         tail += "; allocator " + ", ".join(f"{k.removeprefix('num_')} +{v}" for k, v in r["alloc"].items())
     return " | ".join(parts) + tail
@@ -206,6 +212,11 @@ def ttft_report(eng, lengths=(1000, 2048), osls=(1, 64), repeats: int = 5, nvml:
                 print(f"TTFT {n}-token text prompt, the bench's loop (C 1, OSL {osl}, NVML sampler "
                       f"{'on' if use_nvml else 'off'}): median {res[key]:.1f} ms {[round(x, 1) for x in ttfts]}",
                       flush=True)
+        ttfts = bench_loop_ttft(eng, fresh(repeats), max(osls), no_gc=True)
+        key = f"ttft_bench_loop_{n}_osl{max(osls)}_nogc_ms"
+        res[key] = statistics.median(ttfts)
+        print(f"TTFT {n}-token text prompt, the bench's loop (C 1, OSL {max(osls)}, Python GC off): median "
+              f"{res[key]:.1f} ms {[round(x, 1) for x in ttfts]}", flush=True)
         for sync in (False, True):
             runs = [probe_ttft(eng, p, max(osls), sync) for p in fresh(repeats)]
             key = f"ttft_probe_{n}_{'sync' if sync else 'async'}"
@@ -224,4 +235,4 @@ if __name__ == "__main__":
     from qwentrt.engine.engine import LLMEngine
 
     engine = LLMEngine(sys.argv[1], allow_gpu_mismatch=True)
-    ttft_report(engine, lengths=(64, 200), osls=(1, 8), repeats=2, nvml=False)
+    ttft_report(engine, lengths=(64,), osls=(1, 4), repeats=2, nvml=False)
