@@ -5,6 +5,7 @@ their K/V go. Kernels come from qwentrt.engine.kernels (torch references on the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,13 @@ class AttentionMetadata:
     # every other sequence is in `prefill` (its spans, gathered-context slots, varlen offsets), None if none.
     num_decodes: int = 0
     prefill: PrefillBatch | None = None
+
+    @functools.cached_property
+    def decodes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block_tables, cu_seqlens_q, context_lens) of the decodes alone: views made once per step (the
+        first layer), not per layer."""
+        d = self.num_decodes
+        return self.block_tables[:d], self.cu_seqlens_q[:d + 1], self.context_lens[:d]
 
 
 class Linear(nn.Module):

@@ -100,6 +100,8 @@ class ModelRunner:
         input_ids, positions, slots, cu, ctx, tables = host or self._host_inputs(batch, bm)
         b = len(batch)
         d = len(positions)  # the decodes, first
+        if any(item.num_tokens == 1 for item in batch[d:]):
+            raise ValueError("ModelRunner.prepare: the batch must be in ModelRunner.order (decodes first)")
         if b > len(self._table_rows.np):
             self._table_rows = TableRows(max(b, 2 * len(self._table_rows.np)), self.max_pages)
         self._table_rows.fill(tables)

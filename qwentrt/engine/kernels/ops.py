@@ -106,6 +106,6 @@ def attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale):
     prefill = _prefill_attention(q, k_cache, v_cache, meta.prefill, scale, k_scale, v_scale)
     if not d:
         return prefill
-    decode = paged_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.cu_seqlens_q[:d + 1],
-                             meta.context_lens[:d], scale, k_scale, v_scale)
+    tables, cu, ctx = meta.decodes
+    decode = paged_attention(q[:d], k_cache, v_cache, tables, cu, ctx, scale, k_scale, v_scale)
     return torch.cat([decode, prefill])
