@@ -58,6 +58,13 @@ INTERPRET_SCRIPT = textwrap.dedent("""
         ref = reference.awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.float32)
         out = awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.float32)
         worst = max(worst, float((out - ref).norm() / ref.norm()))
+    from qwentrt.engine.kernels.w4a16 import dequant_matmul
+    t = random_awq(384, 256, 128)
+    x = torch.randn(7, 256)
+    ref = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], 128)
+    for chunk_mib in (0, 0.125, 0.25):  # whole, three slices of 128 columns, two slices (256 + 128)
+        out = dequant_matmul(x, t["qweight"], t["qzeros"], t["scales"], 128, chunk_mib)
+        worst = max(worst, float((out - ref).norm() / ref.norm()))
     print(f"WORST {worst:.3e}")
 """)
 
@@ -109,6 +116,36 @@ def test_many_tokens_dequantize_then_cublas_on_cuda(m):
     ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"], 128)
     out = awq_linear(x, t["qweight"], t["qzeros"], t["scales"], 128, {"w4a16_prefill_min_tokens": 64})
     assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    # through L2-sized slices of columns: the same products as the whole dequantized weight, column by column
+    whole = x @ ref_w
+    for chunk_mib in (1, 2.5):
+        out = awq_linear(x, t["qweight"], t["qzeros"], t["scales"], 128,
+                         {"w4a16_prefill_min_tokens": 64, "w4a16_dequant_chunk_mib": chunk_mib})
+        assert float((out.float() - whole.float()).norm() / whole.float().norm()) < 1e-3, chunk_mib
+
+
+@pytest.mark.gpu
+def test_ptx_dequantize_is_exact_and_large_tiles_on_cuda():
+    """The bf16 inline-PTX dequantization gives the reference's bits, odd column counts and group sizes
+    included; the GEMM with large BLOCK_M tiles (the 128-512 token buckets) agrees with the reference."""
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, bf16_ptx, w4a16_gemm
+
+    for n, k, group in [(2560, 4096, 128), (200, 192, 64), (72, 256, 32)]:
+        t = random_awq(n, k, group, "cuda")
+        t["scales"] = t["scales"].to(torch.bfloat16)
+        assert bf16_ptx(torch.empty(1, device="cuda", dtype=torch.bfloat16), t["scales"])
+        ref_w = reference.awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.bfloat16)
+        assert torch.equal(awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.bfloat16), ref_w)
+    t = random_awq(6144, 2560, 128, "cuda")
+    t["scales"] = t["scales"].to(torch.bfloat16)
+    for m, cfg in [(256, {"BLOCK_M": 256, "BLOCK_N": 64, "SPLIT_K": 1}),
+                   (200, {"BLOCK_M": 128, "BLOCK_N": 64, "SPLIT_K": 2}),
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8})]:
+        x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
+        ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"], 128)
+        out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg)
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, (m, cfg)
 
 
 def test_decode_config_picks_bucket_then_shape():

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from qwentrt.engine.kernels import reference
-from qwentrt.engine.kernels.w4a16 import _w4a16_kernel, awq_dequantize, w4a16_gemm
+from qwentrt.engine.kernels.w4a16 import awq_dequantize, dequant_matmul, w4a16_gemm
 from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace
 from qwentrt.engine.tuning import _random_weights, time_in_graph
 
@@ -132,55 +132,50 @@ def configs(m: int):
 
 
 def main() -> None:
-    tokens = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 else "16,64,128,256,512").split(",")]
+    what = sys.argv[1] if len(sys.argv) > 1 else "gemm,chunks"
     dev = torch.device("cuda")
     shapes = {"6144x2560": (6144, 2560), "2560x4096": (2560, 4096), "19456x2560": (19456, 2560),
               "2560x9728": (2560, 9728)}  # the 4b model's qkv, o, gate_up, down
     group = 128
-    # correctness first (fresh random inputs), one shape
-    n, k = 6144, 2560
-    qw, qz, s = _random_weights(n, k, group, dev)[0]
-    for m in (16, 200):
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        ref = x.float() @ reference.awq_dequantize(qw, qz, s, group, torch.bfloat16).float()
-        for name, fn in (("gemm", lambda c: w4a16_gemm(x, qw, qz, s, group, c)),
-                         ("gemm-asm", lambda c: gemm_asm(x, qw, qz, s, group, c))):
-            c = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3}
-            y = fn(c).float()
-            rel = ((y - ref).norm() / ref.norm()).item()
-            print(f"check {name:9} m={m}: rel err {rel:.2e}", "OK" if rel < 1e-2 else "FAIL", flush=True)
-    totals: dict[tuple[int, str], float] = {}
     failed: set[str] = set()
-    for m in tokens:
-        for key, (n, k) in shapes.items():
-            ws = _random_weights(n, k, group, dev)
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            w_bf16 = [awq_dequantize(*w, group, torch.bfloat16) for w in ws[:4]]
-            res = {
-                "deq+cublas": (time_in_graph(lambda: [x @ awq_dequantize(*w, group, x.dtype) for w in ws[:4]]) / 4, ""),
-                "cublas-bf16": (time_in_graph(lambda: [x @ w for w in w_bf16]) / 4, ""),
-            }
-            for name, fn in (("gemm", w4a16_gemm), ("gemm-asm", gemm_asm)):
+    if "gemm" in what:  # the production GEMM (PTX dequantize in bf16) over a tile sweep
+        for m in (16, 32, 128):
+            total = {}
+            for key, (n, k) in shapes.items():
+                ws = _random_weights(n, k, group, dev)
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 best, best_ms = None, float("inf")
                 for c in configs(m):
                     try:
-                        ms = time_in_graph(lambda: [fn(x, *w, group, c) for w in ws], replays=5) / len(ws)
-                    except Exception as e:  # noqa: BLE001 (a config that does not fit: not a candidate)
-                        if "OutOfResources" not in type(e).__name__ and name not in failed:
-                            failed.add(name)
-                            print(f"  {name} {c}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        ms = time_in_graph(lambda: [w4a16_gemm(x, *w, group, c) for w in ws], replays=5) / len(ws)
+                    except Exception as e:  # noqa: BLE001
+                        if "OutOfResources" not in type(e).__name__ and "gemm" not in failed:
+                            failed.add("gemm")
+                            print(f"  gemm {c}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
                     if ms < best_ms:
                         best, best_ms = c, ms
-                res[name] = (best_ms, best)
-            del ws, w_bf16
-            torch.cuda.empty_cache()
-            for name, (ms, c) in res.items():
-                totals[(m, name)] = totals.get((m, name), 0.0) + ms
-                print(f"M={m:4} {key:>11} {name:12} {ms * 1e3:8.1f} us  {c or ''}", flush=True)
-        line = "  ".join(f"{name} {totals[(m, name)] * 36:6.2f} ms" for name in
-                         ("deq+cublas", "cublas-bf16", "gemm", "gemm-asm"))
-        print(f"== M={m}: 36 layers: {line}", flush=True)
+                deq = time_in_graph(lambda: [x @ awq_dequantize(*w, group, x.dtype) for w in ws[:4]]) / 4
+                total["gemm"] = total.get("gemm", 0) + best_ms
+                total["deq"] = total.get("deq", 0) + deq
+                print(f"M={m:4} {key:>11} gemm(ptx) {best_ms * 1e3:7.1f} us {best}  deq+cublas {deq * 1e3:7.1f} us",
+                      flush=True)
+            print(f"== M={m}: 36 layers: gemm(ptx) {total['gemm'] * 36:.2f} ms, deq+cublas {total['deq'] * 36:.2f} ms",
+                  flush=True)
+    if "chunks" in what:  # dequantize + cuBLAS, whole or through L2-sized column slices
+        for m in (128, 256, 512, 2048):
+            total = {}
+            for key, (n, k) in shapes.items():
+                ws = _random_weights(n, k, group, dev)[:8]
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                line = []
+                for mib in (0, 4, 8, 16, 32):
+                    ms = time_in_graph(lambda: [dequant_matmul(x, *w, group, mib) for w in ws]) / len(ws)
+                    total[mib] = total.get(mib, 0) + ms
+                    line.append(f"{mib}MiB {ms * 1e3:6.1f}")
+                print(f"M={m:4} {key:>11} deq+cublas " + "  ".join(line) + " us", flush=True)
+            print(f"== M={m}: 36 layers: " + "  ".join(f"{mib}MiB {t * 36:.2f} ms" for mib, t in total.items()),
+                  flush=True)
 
 
 if __name__ == "__main__":
