@@ -23,13 +23,23 @@ PREFILL_CANDIDATES = (128, 256, 512, 1024)
 
 
 def candidate_configs(bucket: int) -> list[dict[str, int]]:
-    block_m = max(16, min(bucket, 64))
+    """GEMM tiles for a token bucket. Up to 64 tokens one M tile holds the bucket; from 128 on, the tile
+    sizes that won on the H100 (docs/KERNEL_NOTES.md, session 4): M tiles of 64 to 256 rows (the fewer M
+    tiles, the fewer times each weight is dequantized), 4 warps, 3 or 4 stages."""
     out = []
-    for block_n, split_k, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
-        if warps == 8 and block_n == 64 and block_m == 16:
+    if bucket <= 64:
+        block_m = max(16, bucket)
+        for block_n, split_k, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
+            if warps == 8 and block_n == 64 and block_m == 16:
+                continue
+            out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
+                        "num_warps": warps, "num_stages": 3})
+        return out
+    for block_m, block_n, split_k, stages in itertools.product((64, 128, 256), (64, 128), (1, 2, 4), (3, 4)):
+        if block_m > bucket or (block_m == 256 and (block_n == 128 or split_k > 1)):
             continue
         out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
-                    "num_warps": warps, "num_stages": 3})
+                    "num_warps": 4, "num_stages": stages})
     return out
 
 
