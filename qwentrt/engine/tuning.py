@@ -92,7 +92,7 @@ def time_in_graph(fn: Callable[[], Any], replays: int = 10) -> float:
 
 def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    from qwentrt.engine.kernels.w4a16 import awq_dequantize, w4a16_gemm
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, decode_config, w4a16_gemm
 
     shapes = linear_shapes(cfg)
     weights = {key: _random_weights(n, k, group_size, device) for key, (n, k) in shapes.items()}
@@ -150,15 +150,15 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         if t_gemv >= t_gemm:
             break
         gemv_max = m
-    # many tokens: the best GEMM config of the largest bucket against dequantize + cuBLAS
+    # many tokens: the GEMM (the config of the bucket holding m) against dequantize + cuBLAS
     prefill_min = None
-    top = str(buckets[-1])
     for m in PREFILL_CANDIDATES:
         t_gemm = t_deq = 0.0
         for key, (n, k) in shapes.items():
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ws = weights[key][:2]
-            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, decode[top][key]) for w in ws]) / 2
+            cfg_m = decode_config({"w4a16_decode": decode}, m, n, k)  # the bucket holding m, else the largest
+            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, cfg_m) for w in ws]) / 2
             t_deq += time_in_graph(lambda: [x @ awq_dequantize(*w, group_size, x.dtype) for w in ws]) / 2
         timings[f"prefill/{m}"] = {"gemm_us": round(t_gemm * 1e3, 1), "dequant_cublas_us": round(t_deq * 1e3, 1)}
         log(f"  w4a16 {m:>4} tokens, 4 linears: GEMM {t_gemm * 1e3:7.1f} us, dequantize + cuBLAS {t_deq * 1e3:7.1f} us")
