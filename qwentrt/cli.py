@@ -58,7 +58,8 @@ def synth(out: Path, preset: str, seed: int, dtype: str, force: bool) -> None:
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--awq-grid", type=int, default=20, show_default=True, help="Grid points of the AWQ scale search.")
-@click.option("--max-batch-size", type=int, default=256, show_default=True)
+@click.option("--max-batch-size", type=int, default=None,
+              help="Requests decoded together per step. Default: 512 when the GPU budget is 40 GiB or more, else 256.")
 @click.option("--max-num-tokens", type=int, default=8192, show_default=True, help="Tokens per engine step.")
 @click.option("--max-seq-len", type=int, default=32768, show_default=True)
 @click.option("--kv-block-size", type=int, default=32, show_default=True, help="Tokens per KV page.")

@@ -183,6 +183,13 @@ class Qwen3Config:
         }
 
 
+def default_max_batch_size(budget_gib: float) -> int:
+    """Running requests per step when --max-batch-size is not given: 512 on cards of 40 GiB or more (an H100
+    runs 1000-in / 1000-out at 9.3k output tok/s at 512 against 7.4k at 256, docs/PERFORMANCE.md), 256 below
+    (a 24 GiB card's KV cache holds ~270k tokens: a larger batch would only cost memory)."""
+    return 512 if budget_gib >= 40 else 256
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """What `qwentrt build` was asked for (its CLI options, typed)."""
@@ -194,7 +201,7 @@ class BuildConfig:
     calib_samples: int = 128
     calib_seqlen: int = 512
     awq_grid: int = 20
-    max_batch_size: int = 256
+    max_batch_size: int | None = None  # None: default_max_batch_size(the GPU budget)
     max_num_tokens: int = 8192
     max_seq_len: int = 32768
     kv_block_size: int = 32
@@ -211,11 +218,11 @@ class BuildConfig:
             raise ConfigError(f"group size {self.group_size} is not supported (32, 64 or 128)")
         for key in ("calib_samples", "calib_seqlen", "awq_grid", "max_batch_size", "max_num_tokens",
                     "max_seq_len", "kv_block_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if self.kv_block_size & (self.kv_block_size - 1):
             raise ConfigError(f"--kv-block-size must be a power of two, got {self.kv_block_size}")
-        if self.max_num_tokens < self.max_batch_size:
+        if self.max_batch_size is not None and self.max_num_tokens < self.max_batch_size:
             raise ConfigError(f"--max-num-tokens ({self.max_num_tokens}) must be at least --max-batch-size "
                               f"({self.max_batch_size}): every running request decodes one token per step")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:

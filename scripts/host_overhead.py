@@ -87,6 +87,7 @@ class StubModel:
     def __init__(self, max_rows: int, vocab: int, banks: int = 8):
         g = torch.Generator().manual_seed(0)
         self.bank = torch.randn(banks, max_rows, vocab, generator=g)
+        self.lm_head = torch.empty(vocab, 0)  # its shape sizes DecodeGraphs' logits buffer
         self.i = 0
 
     def next_logits(self, n: int) -> torch.Tensor:
@@ -96,8 +97,9 @@ class StubModel:
     def __call__(self, input_ids, meta, kv_caches):  # (a fresh row per sequence that samples)
         return torch.empty(len(meta.logits_indices), 1)
 
-    def compute_logits(self, hidden):
-        return self.next_logits(hidden.shape[0])
+    def compute_logits(self, hidden, out=None):
+        logits = self.next_logits(hidden.shape[0])
+        return logits if out is None else out.copy_(logits)
 
 
 class FakeGraph:
@@ -107,7 +109,7 @@ class FakeGraph:
         self.graphs, self.bs, self.stub = graphs, bs, stub
 
     def replay(self):
-        self.graphs.logits[self.bs] = self.stub.next_logits(self.bs)
+        self.graphs.logits_out[:self.bs].copy_(self.stub.next_logits(self.bs))
 
 
 def emulate_graphs(engine: LLMEngine, stub: StubModel) -> None:
@@ -117,7 +119,6 @@ def emulate_graphs(engine: LLMEngine, stub: StubModel) -> None:
     graphs = DecodeGraphs(stub, runner.kv_caches, engine.max_batch_size, runner.max_pages, runner.device)
     for bs in graphs.sizes:
         graphs.graphs[bs] = FakeGraph(graphs, bs, stub)
-        graphs.logits[bs] = stub.next_logits(bs)
     runner.graphs = graphs
 
 

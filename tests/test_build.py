@@ -162,3 +162,11 @@ def test_a_budget_too_small_is_refused_with_the_numbers(tiny_ckpt, tmp_path):
 
 def test_kv_spec_capacity():
     assert KVCacheSpec("fp8-e4m3", 32, 10, 1).capacity_tokens == 320
+
+
+def test_default_max_batch_size_follows_the_gpu_budget():
+    from qwentrt.config import BuildConfig, default_max_batch_size
+
+    assert default_max_batch_size(24) == 256 and default_max_batch_size(80) == 512
+    BuildConfig().validate()  # None: decided by the build from the budget
+    BuildConfig(max_batch_size=384).validate()

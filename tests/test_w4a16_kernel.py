@@ -111,6 +111,37 @@ def test_many_tokens_dequantize_then_cublas_on_cuda(m):
     assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.gpu
+def test_ptx_dequantize_is_exact_and_large_tiles_on_cuda():
+    """The bf16 inline-PTX dequantization gives the reference's bits, odd column counts and group sizes
+    included; the GEMM with large BLOCK_M tiles (the 128-512 token buckets) agrees with the reference."""
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, bf16_ptx, w4a16_gemm
+
+    for n, k, group in [(2560, 4096, 128), (200, 192, 64), (72, 256, 32)]:
+        t = random_awq(n, k, group, "cuda")
+        t["scales"] = t["scales"].to(torch.bfloat16)
+        assert bf16_ptx(torch.empty(1, device="cuda", dtype=torch.bfloat16), t["scales"])
+        ref_w = reference.awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.bfloat16)
+        assert torch.equal(awq_dequantize(t["qweight"], t["qzeros"], t["scales"], group, torch.bfloat16), ref_w)
+    t = random_awq(6144, 2560, 128, "cuda")
+    t["scales"] = t["scales"].to(torch.bfloat16)
+    for m, cfg in [(256, {"BLOCK_M": 256, "BLOCK_N": 64, "SPLIT_K": 1}),
+                   (200, {"BLOCK_M": 128, "BLOCK_N": 64, "SPLIT_K": 2}),
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8})]:
+        x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
+        ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"], 128)
+        out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg)
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, (m, cfg)
+    t = random_awq(200, 192, 64, "cuda")  # a partial N tile, a smaller group
+    t["scales"] = t["scales"].to(torch.bfloat16)
+    x = torch.randn(5, 192, device="cuda", dtype=torch.bfloat16)
+    ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"], 64)
+    for split in (1, 3):
+        out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], 64, {"BLOCK_N": 128, "SPLIT_K": split})
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, split
+
+
 def test_decode_config_picks_bucket_then_shape():
     from qwentrt.engine.kernels.configs import default_kernel_configs
     from qwentrt.engine.kernels.w4a16 import decode_config

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from qwentrt import __version__
 from qwentrt.checkpoint import Checkpoint, load
 from qwentrt.config import (ENGINE_FORMAT_VERSION, BuildConfig, BuildInfo, EngineConfig, KVCacheSpec, Limits,
-                            WeightsSpec)
+                            WeightsSpec, default_max_batch_size)
 from qwentrt.engine import memory_plan
 from qwentrt.engine.kernels.configs import default_kernel_configs
 from qwentrt.engine.target import GiB, resolve_target
@@ -175,8 +175,9 @@ def build(checkpoint: str | Path, out: str | Path, options: BuildConfig = BuildC
             shutil.copyfile(f, tmp / f.name)
 
         budget = int((options.gpu_memory_gib or target.memory_gib) * GiB)
+        max_batch = options.max_batch_size or default_max_batch_size(budget / GiB)
         mem, blocks_n = memory_plan.plan(cfg, budget, weight_bytes, options.kv_cache, options.kv_block_size,
-                                         options.max_num_tokens, options.max_batch_size)
+                                         options.max_num_tokens, max_batch)
         capacity = blocks_n * options.kv_block_size
         if capacity < options.max_seq_len:
             raise BuildError(
@@ -200,7 +201,7 @@ def build(checkpoint: str | Path, out: str | Path, options: BuildConfig = BuildC
             kv_cache=KVCacheSpec(dtype=options.kv_cache, block_size=options.kv_block_size, num_blocks=blocks_n,
                                  bytes_per_token=cfg.kv_bytes_per_token(options.kv_cache),
                                  k_scales=k_scales, v_scales=v_scales),
-            limits=Limits(max_batch_size=options.max_batch_size, max_num_tokens=options.max_num_tokens,
+            limits=Limits(max_batch_size=max_batch, max_num_tokens=options.max_num_tokens,
                           max_seq_len=options.max_seq_len, max_input_len=options.max_seq_len - 1),
             target=target,
             memory=mem,

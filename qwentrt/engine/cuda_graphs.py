@@ -97,7 +97,10 @@ class DecodeGraphs:
         self._staging = [_Staging(n, max_pages, pin), _Staging(n, max_pages, pin)]
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # Every graph writes its float32 logits into rows of this one buffer, outside the graphs' shared pool:
+        # one output per graph kept alive in the pool would hold sum(sizes) rows of the vocabulary
+        # (5 GiB at max batch 512, when the engine's memory plan counts 256 MiB for all the graphs).
+        self.logits_out = torch.empty((n, model.lm_head.shape[0]), dtype=torch.float32, device=device)
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(positions=self.inputs[1, :bs], slot_mapping=self.inputs[2, :bs],
@@ -108,7 +111,7 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         input_ids = resolve_placeholders(self.inputs[0, :bs], self.prev_tokens)
         hidden = self.model(input_ids, self._metadata(bs), self.kv_caches)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits_out[:bs])
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -122,7 +125,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
+                self._forward(bs)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -154,7 +157,7 @@ class DecodeGraphs:
         if prev_tokens is not None:
             self.prev_tokens[:len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        return self.logits_out[:n]
 
 
 def pad_tables(tables: list[list[int]]) -> np.ndarray:

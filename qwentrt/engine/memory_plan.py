@@ -8,7 +8,7 @@ from qwentrt.config import KVCacheDtype, MemoryPlan, Qwen3Config
 MiB = 1 << 20
 GiB = 1 << 30
 CUDA_CONTEXT = 600 * MiB  # CUDA context, cuBLAS/Triton workspaces and the allocator's slack
-CUDA_GRAPHS = 256 * MiB  # captured decode graphs and their private pools
+CUDA_GRAPHS = 256 * MiB  # captured decode graphs' shared private pool (plus their logits buffer, below)
 HEADROOM = 0.04  # of the budget: allocator fragmentation, the driver's own use on a desktop card
 
 
@@ -28,9 +28,10 @@ def plan(cfg: Qwen3Config, budget_bytes: int, weight_bytes: int, kv_dtype: KVCac
     the caller reports."""
     act = activation_bytes(cfg, max_num_tokens, max_batch_size)
     headroom = int(budget_bytes * HEADROOM)
-    left = budget_bytes - headroom - weight_bytes - act - CUDA_GRAPHS - CUDA_CONTEXT
+    graphs = CUDA_GRAPHS + max_batch_size * cfg.vocab_size * 4  # + the float32 logits rows they all write
+    left = budget_bytes - headroom - weight_bytes - act - graphs - CUDA_CONTEXT
     block_bytes = cfg.kv_bytes_per_token(kv_dtype) * block_size
     blocks = max(0, left // block_bytes)
     return MemoryPlan(budget=budget_bytes, weights=weight_bytes, activations=act,
-                      cuda_graphs_and_workspace=CUDA_GRAPHS, cuda_context=CUDA_CONTEXT, headroom=headroom,
+                      cuda_graphs_and_workspace=graphs, cuda_context=CUDA_CONTEXT, headroom=headroom,
                       kv_cache=blocks * block_bytes), blocks

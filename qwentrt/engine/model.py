@@ -151,8 +151,12 @@ class Qwen3Model(nn.Module):
         return hidden[meta.logits_indices]
 
     @torch.no_grad()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.lm_head.t()).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [n, V]; into `out` (float32 [n, V]) if given (the cast is the copy)."""
+        logits = hidden @ self.lm_head.t()
+        if out is None:
+            return logits.float()
+        return out.copy_(logits)
 
 
 def load_model(engine_dir: str | Path, engine: EngineConfig, device: torch.device, dtype: torch.dtype,

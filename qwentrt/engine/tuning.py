@@ -23,13 +23,23 @@ PREFILL_CANDIDATES = (128, 256, 512, 1024)
 
 
 def candidate_configs(bucket: int) -> list[dict[str, int]]:
-    block_m = max(16, min(bucket, 64))
+    """GEMM tiles for a token bucket. Up to 64 tokens one M tile holds the bucket; from 128 on, the tile
+    sizes that won on the H100 (docs/KERNEL_NOTES.md, session 4): M tiles of 64 to 256 rows (the fewer M
+    tiles, the fewer times each weight is dequantized), 4 warps, 3 or 4 stages."""
     out = []
-    for block_n, split_k, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
-        if warps == 8 and block_n == 64 and block_m == 16:
+    if bucket <= 64:
+        block_m = max(16, bucket)
+        for block_n, split_k, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
+            if warps == 8 and block_n == 64 and block_m == 16:
+                continue
+            out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
+                        "num_warps": warps, "num_stages": 3})
+        return out
+    for block_m, block_n, split_k, stages in itertools.product((64, 128, 256), (64, 128), (1, 2, 4), (3, 4)):
+        if block_m > bucket or (block_m == 256 and (block_n == 128 or split_k > 1)):
             continue
         out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
-                    "num_warps": warps, "num_stages": 3})
+                    "num_warps": 4, "num_stages": stages})
     return out
 
 
@@ -82,7 +92,7 @@ def time_in_graph(fn: Callable[[], Any], replays: int = 10) -> float:
 
 def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    from qwentrt.engine.kernels.w4a16 import awq_dequantize, w4a16_gemm
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, decode_config, w4a16_gemm
 
     shapes = linear_shapes(cfg)
     weights = {key: _random_weights(n, k, group_size, device) for key, (n, k) in shapes.items()}
@@ -140,15 +150,15 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         if t_gemv >= t_gemm:
             break
         gemv_max = m
-    # many tokens: the best GEMM config of the largest bucket against dequantize + cuBLAS
+    # many tokens: the GEMM (the config of the bucket holding m) against dequantize + cuBLAS
     prefill_min = None
-    top = str(buckets[-1])
     for m in PREFILL_CANDIDATES:
         t_gemm = t_deq = 0.0
         for key, (n, k) in shapes.items():
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ws = weights[key][:2]
-            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, decode[top][key]) for w in ws]) / 2
+            cfg_m = decode_config({"w4a16_decode": decode}, m, n, k)  # the bucket holding m, else the largest
+            t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, cfg_m) for w in ws]) / 2
             t_deq += time_in_graph(lambda: [x @ awq_dequantize(*w, group_size, x.dtype) for w in ws]) / 2
         timings[f"prefill/{m}"] = {"gemm_us": round(t_gemm * 1e3, 1), "dequant_cublas_us": round(t_deq * 1e3, 1)}
         log(f"  w4a16 {m:>4} tokens, 4 linears: GEMM {t_gemm * 1e3:7.1f} us, dequantize + cuBLAS {t_deq * 1e3:7.1f} us")

@@ -3,7 +3,8 @@
 # kernel configs tuned on this H100 in an earlier build (scripts/device/h100_kernels.json, from
 # `qwentrt build --tune`), then `qwentrt bench` engine-direct and served at 1000/1000 over the
 # concurrency sweep, and perf_analyzer at concurrency 64 (PA=0 skips it; TTFT=1 adds the 2,048-token batch-1
-# TTFT point). Results under $OUT/bench-*.
+# TTFT point). Results under $OUT/bench-*. Env: CONC (concurrency list), MODE (engine|served|both), DURATION,
+# BUILD_ARGS (e.g. "--max-batch-size 512"), BENCH_EXTRA, LIMIT1/2/3 (seconds per part).
 set -uo pipefail
 eval "$(bash .carry/setup.sh)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -11,7 +12,7 @@ export QWENTRT_TRITONSERVER=$(command -v run-tritonserver)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1
 python3 -m qwentrt.cli build /tmp/ckpt-4b -o /tmp/engine-4b --force --quiet --tune off --calib-samples 8 \
-  --calib-seqlen 256 | head -3
+  --calib-seqlen 256 ${BUILD_ARGS:-} | head -3
 python3 - <<'PY'
 import json
 p = "/tmp/engine-4b/engine.json"
@@ -21,7 +22,7 @@ json.dump(e, open(p, "w"), indent=1)
 PY
 keep() { mkdir -p "$OUT/$2"; cp "$1"/report.md "$1"/*.png "$OUT/$2/" 2>/dev/null; gzip -c "$1/results.json" > "$OUT/$2/results.json.gz"; }
 timeout -s INT ${LIMIT1:-380} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 1000 --osl 1000 -c ${CONC:-1,16,64,256} \
-  --duration ${DURATION:-6} --point-timeout 120 --mode both ${BENCH_EXTRA:-} -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
+  --duration ${DURATION:-6} --point-timeout 120 --mode ${MODE:-both} ${BENCH_EXTRA:-} -o /tmp/bench-main 2>&1 | grep -v "Warning\|warn" | tail -40
 keep /tmp/bench-main bench-main
 if [ "${TTFT:-0}" = 1 ]; then  # the issue's TTFT point: a 2,048-token prompt at batch 1, engine-direct
   timeout -s INT ${LIMIT3:-120} python3 -m qwentrt.cli bench /tmp/engine-4b --isl 2048 --osl 16 -c 1 -n 8 --mode engine \

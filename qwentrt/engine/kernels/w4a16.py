@@ -7,11 +7,17 @@ same way, scales [K/G, N]. W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
 One Triton kernel covers the decode range: tiles of BLOCK_M x BLOCK_N outputs, the K loop split
 SPLIT_K ways across programs, partial sums added atomically in a persistent float32 workspace whose
 last-arriving split writes the output (one launch; see w4a16_gemv.py). Nibbles become floats through
-the 2^23 magic number, not a conversion instruction. For many tokens (prefill) dequantize-then-cuBLAS is used above a token threshold from
-the engine's kernel configs (choose by measurement; the defaults are in kernels/configs.py).
+the 2^23 magic number, not a conversion instruction; in bf16 on CUDA (the engine's case) by inline PTX
+instead (`_dequant_bf16`): ~2 instructions per weight instead of ~8, which is what bounds this kernel
+(H100, 64 tokens, 36 layers' linears: 5.14 -> 3.53 ms; docs/KERNEL_NOTES.md). For many tokens (prefill)
+dequantize-then-cuBLAS is used above a token threshold from the engine's kernel configs (choose by
+measurement; the defaults are in kernels/configs.py).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -27,11 +33,89 @@ except ImportError:  # the CPU reference path needs no Triton
 
 if triton is not None:
 
+    # One packed int32 (8 nibbles, AutoAWQ order) -> 8 bf16 weights (q - z) * s, as 4 bf16x2 registers. The
+    # bf16 magic number: nibble | 0x4300 reads as the bf16 128 + q (exact); AutoAWQ's interleave puts
+    # columns 2p and 2p + 1 in nibbles p and p + 4, so (word >> 4p) & 0x000F000F | 0x43004300 is the bf16x2
+    # pair (128 + q) of columns (2p, 2p + 1): one LOP3. Then (128 + q) - (128 + z) = q - z exactly (an FMA by
+    # -1), and (q - z) * s rounded once, as the float32 reference's cast to bf16 is (an FMA with -0).
+    # fma.rn.bf16x2 needs sm_80. Elementwise over packed words (each instance reads one word): Triton's
+    # `pack` is not used, so no result depends on how the compiler lays elements out over threads.
+    _ZERO_PAIRS_PTX = tl.constexpr("""
+    {
+    .reg .b32 w;
+    lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+    shr.u32 w, $4, 4;
+    lop3.b32 $1, w, 0x000F000F, 0x43004300, 0xEA;
+    shr.u32 w, $4, 8;
+    lop3.b32 $2, w, 0x000F000F, 0x43004300, 0xEA;
+    shr.u32 w, $4, 12;
+    lop3.b32 $3, w, 0x000F000F, 0x43004300, 0xEA;
+    }
+    """)
+    _DEQUANT_PTX = tl.constexpr("""
+    {
+    .reg .b32 w, t, mone, nzero;
+    mov.b32 mone, 0xBF80BF80;
+    mov.b32 nzero, 0x80008000;
+    lop3.b32 t, $4, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 t, $5, mone, t;
+    fma.rn.bf16x2 $0, t, $9, nzero;
+    shr.u32 w, $4, 4;
+    lop3.b32 t, w, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 t, $6, mone, t;
+    fma.rn.bf16x2 $1, t, $10, nzero;
+    shr.u32 w, $4, 8;
+    lop3.b32 t, w, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 t, $7, mone, t;
+    fma.rn.bf16x2 $2, t, $11, nzero;
+    shr.u32 w, $4, 12;
+    lop3.b32 t, w, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 t, $8, mone, t;
+    fma.rn.bf16x2 $3, t, $12, nzero;
+    }
+    """)
+    _I32X4 = tl.constexpr((tl.int32, tl.int32, tl.int32, tl.int32))
+
+    @triton.jit
+    def _zero_pairs(qz):
+        """Packed zero-point words -> 4 int32 tensors: the bf16x2 pairs (128 + z) of columns (2p, 2p + 1)."""
+        return tl.inline_asm_elementwise(_ZERO_PAIRS_PTX, "=r,=r,=r,=r,r", [qz], dtype=_I32X4, is_pure=True, pack=1)
+
+    @triton.jit
+    def _scale_pairs(s_ptr, offs_pn, mask_pn):
+        """bf16 scales read as int32 (s_ptr points at one group's row, viewed as int32) -> 4 [PN] int32
+        tensors: the bf16x2 pairs of columns (8c + 2p, 8c + 2p + 1)."""
+        PN: tl.constexpr = offs_pn.shape[0]
+        s = tl.load(s_ptr + offs_pn[:, None] * 4 + tl.arange(0, 4)[None, :], mask=mask_pn[:, None], other=0)
+        even, odd = tl.split(tl.reshape(s, (PN, 2, 2)))  # p in (0, 2) and (1, 3)
+        s0, s2 = tl.split(even)
+        s1, s3 = tl.split(odd)
+        return s0, s1, s2, s3
+
+    @triton.jit
+    def _bf16_halves(r):
+        """int32 holding a bf16x2 pair -> [..., 2] bf16 (low half first)."""
+        lo = (r & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return tl.join(lo, hi)
+
+    @triton.jit
+    def _dequant_bf16(qw, z0, z1, z2, z3, s0, s1, s2, s3):
+        """qw [R, PN] packed int32 and the zero / scale pairs (broadcastable to it) -> W [R, 8 PN] in bf16,
+        column 8c + j of packed column c in natural order (CUDA only: inline PTX)."""
+        R: tl.constexpr = qw.shape[0]
+        PN: tl.constexpr = qw.shape[1]
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(
+            _DEQUANT_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [qw, z0, z1, z2, z3, s0, s1, s2, s3], dtype=_I32X4,
+            is_pure=True, pack=1)
+        r = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [R, PN, 2, 2]: flattened, pair p = 2i + j is r_p
+        return tl.reshape(_bf16_halves(r), (R, PN * 8))  # column 2p + h
+
     @triton.jit
     def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, M, N, K,
                       stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee"):
+                      SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee", BF16_PTX: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -52,18 +136,24 @@ if triton is not None:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
-                         mask=mask_k[:, None] & mask_pn[None, :], other=0)
-            qw = tl.interleave(qw, qw)
-            qw = tl.interleave(qw, qw)
-            qw = tl.interleave(qw, qw)
-            # nibble -> float without a conversion instruction: (q | 0x4B000000) is the float 2^23 + q
-            q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            qw_packed = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
+                                mask=mask_k[:, None] & mask_pn[None, :], other=0)
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per K tile
-            qz = tl.load(qz_ptr + g * stride_qz + packed_n, mask=mask_n, other=0)
-            z = (((qz >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = ((q - z[None, :]) * s[None, :]).to(x.dtype)  # (2^23 + q) - (2^23 + z) = q - z exactly
+            if BF16_PTX:  # s_ptr: the scales viewed as int32 (bf16 pairs); stride_s in int32s
+                qzw = tl.load(qz_ptr + g * stride_qz + offs_pn, mask=mask_pn, other=0)
+                z0, z1, z2, z3 = _zero_pairs(qzw[None, :])
+                s0, s1, s2, s3 = _scale_pairs(s_ptr + g * stride_s, offs_pn, mask_pn)
+                w = _dequant_bf16(qw_packed, z0, z1, z2, z3, s0[None, :], s1[None, :], s2[None, :], s3[None, :])
+            else:
+                qw = tl.interleave(qw_packed, qw_packed)
+                qw = tl.interleave(qw, qw)
+                qw = tl.interleave(qw, qw)
+                qz = tl.load(qz_ptr + g * stride_qz + packed_n, mask=mask_n, other=0)
+                # nibble -> float without a conversion instruction: (q | 0x4B000000) is the float 2^23 + q
+                q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                z = (((qz >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                w = ((q - z[None, :]) * s[None, :]).to(x.dtype)  # (2^23 + q) - (2^23 + z) = q - z exactly
             acc += tl.dot(x, w, input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
@@ -87,30 +177,59 @@ if triton is not None:
 
     @triton.jit
     def _awq_dequantize_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, stride_qw, stride_qz, stride_s, stride_w,
-                               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """W^T [K, N] in w's dtype from the packed tensors: one [BLOCK_K, BLOCK_N] tile per program."""
+                               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BF16_PTX: tl.constexpr = False):
+        """W^T [K, N] in w's dtype from the packed tensors: one [BLOCK_K, BLOCK_N] tile per program (BLOCK_K
+        divides the group: one group per tile)."""
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_pn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        j = offs_n % 8
-        shifts = ((j % 2) * 4 + j // 2) * 4
         mask_k = offs_k < K
         mask_n = offs_n < N
-        qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
-                     mask=mask_k[:, None] & (offs_pn < tl.cdiv(N, 8))[None, :], other=0)
-        qw = tl.interleave(qw, qw)
-        qw = tl.interleave(qw, qw)
-        qw = tl.interleave(qw, qw)
-        q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
-        g = offs_k // GROUP
+        mask_pn = offs_pn < tl.cdiv(N, 8)
         mask = mask_k[:, None] & mask_n[None, :]
-        qz = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // 8)[None, :], mask=mask, other=0)
-        z = (((qz >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = (q - z) * s
+        qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
+                     mask=mask_k[:, None] & mask_pn[None, :], other=0)
+        g = pid_k * BLOCK_K // GROUP
+        if BF16_PTX:  # s_ptr: the scales viewed as int32 (bf16 pairs); stride_s in int32s
+            qzw = tl.load(qz_ptr + g * stride_qz + offs_pn, mask=mask_pn, other=0)
+            z0, z1, z2, z3 = _zero_pairs(qzw[None, :])
+            s0, s1, s2, s3 = _scale_pairs(s_ptr + g * stride_s, offs_pn, mask_pn)
+            w = _dequant_bf16(qw, z0, z1, z2, z3, s0[None, :], s1[None, :], s2[None, :], s3[None, :])
+        else:
+            j = offs_n % 8
+            shifts = ((j % 2) * 4 + j // 2) * 4
+            qw = tl.interleave(qw, qw)
+            qw = tl.interleave(qw, qw)
+            qw = tl.interleave(qw, qw)
+            q = (((qw >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
+            qz = tl.load(qz_ptr + g * stride_qz + offs_n // 8, mask=mask_n, other=0)
+            z = (((qz >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = (q - z[None, :]) * s[None, :]
         tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _ptx_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0) and os.environ.get("QWENTRT_W4A16_PTX", "1") != "0"
+
+
+def bf16_ptx(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the kernels dequantize with inline PTX (`_dequant_bf16`): bf16 activations and scales on a
+    CUDA GPU of sm_80 or newer (QWENTRT_W4A16_PTX=0 turns it off, to compare). Elsewhere (fp16, fp32, the
+    Triton interpreter on the CPU) the 2^23 float magic number does it, with the same results."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16 and scales.shape[1] % 8 == 0
+            and scales.stride(1) == 1 and scales.stride(0) % 2 == 0 and _ptx_capable(x.device))
+
+
+def _scales_arg(scales: torch.Tensor, ptx: bool) -> tuple[torch.Tensor, int]:
+    """The scales as the kernels take them: read as int32 bf16 pairs on the PTX path (stride in int32s)."""
+    if ptx:
+        return scales.view(torch.int32), scales.stride(0) // 2
+    return scales, scales.stride(0)
 
 
 # Best of five configs timed on the H100 (docs/KERNEL_NOTES.md); build-time tuning replaces it per shape.
@@ -135,12 +254,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         split = 1  # more outputs than the split-K workspace holds: the grid is large enough without a split
         grid = grid[:2] + (1,)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _w4a16_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, m, n, k, x.stride(0), qweight.stride(0),
-                        qzeros.stride(0),
-                        scales.stride(0), out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
+    ptx = bf16_ptx(x, scales)
+    s_arg, stride_s = _scales_arg(scales, ptx)
+    _w4a16_kernel[grid](x, qweight, qzeros, s_arg, out, ws, counts, m, n, k, x.stride(0), qweight.stride(0),
+                        qzeros.stride(0), stride_s, out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-                        num_stages=cfg["num_stages"])
+                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BF16_PTX=ptx,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -152,10 +272,12 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
         raise RuntimeError("the W4A16 dequantize kernel needs the triton package")
     k, n = qweight.shape[0], scales.shape[1]
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
-    block_k, block_n = 32, 128
+    block_k, block_n = min(32, group_size), 128
+    ptx = bf16_ptx(w, scales)
+    s_arg, stride_s = _scales_arg(scales, ptx)
     _awq_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-        qweight, qzeros, scales, w, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
-        GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+        qweight, qzeros, s_arg, w, n, k, qweight.stride(0), qzeros.stride(0), stride_s, w.stride(0),
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, BF16_PTX=ptx, num_warps=4)
     return w
 
 
