@@ -19,8 +19,12 @@ class EngineUnavailable(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_consecutive_faults: int = 3):
+    def __init__(self, engine: LLMEngine, max_consecutive_faults: int = 3,
+                 after_outputs: Callable[[], None] | None = None):
         self.engine = engine
+        # called on the engine thread after each step's outputs have been delivered (and after the final
+        # outputs when the engine stops for good): engine_process.py sends a step's outputs as one message
+        self.after_outputs = after_outputs
         self.max_consecutive_faults = max_consecutive_faults
         self.dead: str | None = None  # why the engine stopped for good
         # The loop holds _lock during each step. Other threads never wait for it: adds and aborts are queued
@@ -56,6 +60,8 @@ class AsyncEngine:
                 return self._fail(f"the engine loop failed: {type(e).__name__}: {e}")
             for out in refused + outputs:
                 self._deliver(out)
+            if self.after_outputs is not None and (refused or outputs):
+                self.after_outputs()
             if self.engine.consecutive_step_faults >= self.max_consecutive_faults:
                 return self._fail(f"{self.engine.consecutive_step_faults} engine steps failed in a row "
                                   f"(last: {self.engine.last_step_fault})")
@@ -76,6 +82,8 @@ class AsyncEngine:
                         for rid in list(self._streams) if rid not in ended]
         for out in outputs:
             self._deliver(out)
+        if self.after_outputs is not None:
+            self.after_outputs()
 
     @property
     def healthy(self) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 
 from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
-from qwentrt.serving import faults, memtrace
+from qwentrt.serving import engine_process, faults, memtrace
 from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
@@ -53,26 +53,39 @@ class Stream:
 
 
 class Qwen3Backend:
-    def __init__(self, params: dict[str, str], pb_utils: Any, model_name: str = "qwen3"):
+    def __init__(self, params: dict[str, str], pb_utils: Any, model_name: str = "qwen3", python: str | None = None):
+        """python: the interpreter for the engine process (qwentrt_env.json's, written by `qwentrt repo`)."""
         self.pb = pb_utils
         # A Python-backend response costs ~0.1-0.3 ms of this process's time (and its GIL, which the engine
-        # loop needs too): past this rate, streams are paced and each response carries several tokens.
+        # loop needs too when it runs here): past this rate, streams are paced and each response carries
+        # several tokens.
         self.max_responses_per_s = _positive(params, "max_responses_per_s", 1500)  # checked before loading
-        device = params.get("device") or None
-        optional_int = lambda key: int(params[key]) if params.get(key) else None  # noqa: E731
-        self.engine = LLMEngine(params["engine_dir"], device=device,
-                                allow_gpu_mismatch=params.get("allow_gpu_mismatch", "false") == "true",
-                                num_blocks=optional_int("num_kv_blocks"), max_batch_size=optional_int("max_batch_size"))
-        self.max_queue = int(params.get("max_queue_size", 4 * self.engine.max_batch_size))
-        self.validator = params.get("json_validator_model", "json_validator")
         self.on_engine_failure = params.get("engine_failure", "shutdown")
         if self.on_engine_failure not in ("shutdown", "reject"):
             raise ValueError(f"engine_failure: {self.on_engine_failure!r} is not shutdown or reject")
+        # The engine loop in its own process (engine_process.py: its GIL is not the sender's) or in a thread here
+        self.engine_process = engine_process.wanted(params.get("engine_process"), params.get("device"))
         fault_spec = os.environ.get(faults.ENV) or params.get("fault_inject")
         if fault_spec:
-            faults.install(self.engine, fault_spec)
+            faults.parse(fault_spec)  # a bad rule is refused here, before the engine loads
             print(f"qwentrt: WARNING: fault injection is on ({fault_spec}): for tests only", file=sys.stderr)
-        self.service = AsyncEngine(self.engine, int(params.get("max_consecutive_step_faults", 3)))
+        self.engine: LLMEngine | None = None  # only when the engine runs in this process
+        if self.engine_process:
+            self.service = engine_process.EngineClient(params, python=python)
+            print(f"qwentrt: the engine runs in its own process (pid {self.service.pid})", file=sys.stderr, flush=True)
+            self.max_seq_len, max_batch_size = self.service.max_seq_len, self.service.max_batch_size
+        else:
+            optional_int = lambda key: int(params[key]) if params.get(key) else None  # noqa: E731
+            self.engine = LLMEngine(params["engine_dir"], device=params.get("device") or None,
+                                    allow_gpu_mismatch=params.get("allow_gpu_mismatch", "false") == "true",
+                                    num_blocks=optional_int("num_kv_blocks"),
+                                    max_batch_size=optional_int("max_batch_size"))
+            if fault_spec:
+                faults.install(self.engine, fault_spec)
+            self.service = AsyncEngine(self.engine, int(params.get("max_consecutive_step_faults", 3)))
+            self.max_seq_len, max_batch_size = self.engine.max_seq_len, self.engine.max_batch_size
+        self.max_queue = int(params.get("max_queue_size", 4 * max_batch_size))
+        self.validator = params.get("json_validator_model", "json_validator")
         self._engine_down_seen = False
         self._closing = False
         self._drain_deadline: float | None = None
@@ -95,6 +108,8 @@ class Qwen3Backend:
 
     def memory_state(self) -> dict[str, int]:
         """Sizes of the per-request state (all 0 when idle, but the prefix cache, bounded by the KV pages)."""
+        if self.engine is None:  # the engine process's sizes, as of its last report (every 0.1 s)
+            return {"streams": len(self._streams), **self.service.memory_state()}
         e, bm = self.engine, self.engine.block_manager
         return {"streams": len(self._streams), "engine_callbacks": len(self.service._streams),
                 "engine_seqs": len(e._seqs), "waiting": len(e.scheduler.waiting), "running": len(e.scheduler.running),
@@ -113,7 +128,7 @@ class Qwen3Backend:
                                  pb.TritonError.UNAVAILABLE)
                     continue
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-                parsed = parse(inputs, self.engine.max_seq_len - 1, _request_parameters(request))
+                parsed = parse(inputs, self.max_seq_len - 1, _request_parameters(request))
                 if self.service.num_waiting >= self.max_queue:  # no lock: refuse at once
                     self._reject(sender, f"server busy: {self.max_queue} requests already queued; retry later",
                                  pb.TritonError.UNAVAILABLE)

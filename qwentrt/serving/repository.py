@@ -44,6 +44,9 @@ QWEN3_PARAMETERS = {
     "fault_inject": "tests only: see qwentrt/serving/faults.py",
     "max_responses_per_s": "streamed responses per second across all streams the sender aims at; past it, each "
                            "response carries several tokens [1500]",
+    "engine_process": "true: the engine loop runs in its own process (its GIL is not the response sender's), "
+                      "false: in a thread of the model's process; auto: $QWENTRT_ENGINE_PROCESS (1 or 0) in tritonserver's "
+                      "environment if set, else a process on CUDA and a thread on the CPU [auto]",
 }
 
 
@@ -82,7 +85,7 @@ def qwen3_config(engine: EngineConfig, engine_dir: Path, device: str, max_queue_
     kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
     params = {"engine_dir": str(engine_dir.resolve()), "device": device, "max_queue_size": str(max_queue_size),
               "json_validator_model": "json_validator", "engine_failure": "shutdown",
-              "max_consecutive_step_faults": "3", "shutdown_drain_s": "20", **(extra or {})}
+              "max_consecutive_step_faults": "3", "shutdown_drain_s": "20", "engine_process": "auto", **(extra or {})}
     return f"""# Written by `qwentrt repo` from {engine_dir}: the engine's limits are enforced by the model.
 name: "qwen3"
 backend: "python"
@@ -146,7 +149,8 @@ def write_repository(engine_dir: str | Path, out: str | Path, device: str | None
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out)
-    env = json.dumps({"sys_path": python_paths(), "python": sys.version.split()[0]}, indent=2)
+    env = json.dumps({"sys_path": python_paths(), "python": sys.version.split()[0], "executable": sys.executable},
+                     indent=2)
     models = {"qwen3": ("qwen3.py", qwen3_config(engine, engine_dir, device,
                                                  max_queue_size or 4 * engine.limits.max_batch_size, params)),
               "json_validator": ("json_validator.py", VALIDATOR_CONFIG)}

@@ -12,15 +12,16 @@ import sys
 def _use_qwentrt_environment():
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "qwentrt_env.json"), encoding="utf-8") as f:
-        paths = json.load(f)["sys_path"]
+        env = json.load(f)
     before = list(sys.path)
-    for path in paths:
+    for path in env["sys_path"]:
         site.addsitedir(path)
     added = [p for p in sys.path if p not in before]
     sys.path[:] = added + before  # the environment's packages (numpy<2 among them) win
+    return env
 
 
-_use_qwentrt_environment()
+_ENV = _use_qwentrt_environment()
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
@@ -31,7 +32,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         from qwentrt.serving.qwen3_backend import Qwen3Backend
 
-        self.backend = Qwen3Backend(params, pb_utils, args["model_name"])
+        # python: the interpreter of qwentrt's environment, for the engine process (engine_process option)
+        self.backend = Qwen3Backend(params, pb_utils, args["model_name"], python=_ENV.get("executable"))
 
     def execute(self, requests):
         return self.backend.execute(requests)
