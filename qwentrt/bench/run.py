@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import shlex
 import sys
@@ -70,6 +71,8 @@ def environment(cfg: BenchConfig, device: str, sampler: NvmlSampler) -> dict:
         "gpu": gpu,
         "engine": engine_summary(cfg.engine_dir),
         "command": shlex.join(cfg.command or ["qwentrt", *sys.argv[1:]]),
+        # served: the qwen3 model's engine_process: auto follows this variable (1 / 0), else a process on CUDA
+        "QWENTRT_ENGINE_PROCESS": os.environ.get("QWENTRT_ENGINE_PROCESS", ""),
     }
 
 

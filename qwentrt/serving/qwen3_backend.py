@@ -32,6 +32,8 @@ from qwentrt.serving import engine_process, faults, memtrace
 from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
+_ZERO = np.zeros((1, 1), dtype=np.int32)  # batch_index and sequence_index of every response
+POLL_S = 0.05  # how often the sender asks Triton whether each stream was cancelled
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
            "output_log_probs", "batch_index", "sequence_index", "json_valid", "json_errors")
 
@@ -91,6 +93,8 @@ class Qwen3Backend:
         self._drain_deadline: float | None = None
         self.drain_s = float(params.get("shutdown_drain_s", 20))
         self._next_due: float | None = None
+        self._next_poll = 0.0  # when the sender next asks every stream whether it was cancelled
+        self._tokens_out = 0  # generated tokens sent since the counter was last updated (once per pass)
         self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
         self._streams: dict[str, Stream] = {}
@@ -213,9 +217,15 @@ class Qwen3Backend:
             except Exception as e:  # the client is gone (cancelled, disconnected): stop its request
                 print(f"qwentrt: dropping {stream.request_id}: {type(e).__name__}: {e}", file=sys.stderr)
                 self._cancel(stream)
-        for stream in live:
-            if stream.request_id in self._streams and stream.sender.is_cancelled():
-                self._cancel(stream)
+        if self._tokens_out:
+            self.metrics.tokens_out.increment(self._tokens_out)  # (a metric update is a round trip to Triton)
+            self._tokens_out = 0
+        # is_cancelled() is a round trip to Triton per stream: every POLL_S, not every pass (one per step)
+        if now >= self._next_poll:
+            self._next_poll = now + POLL_S
+            for stream in live:
+                if stream.request_id in self._streams and stream.sender.is_cancelled():
+                    self._cancel(stream)
 
     def _cancel(self, stream: Stream) -> None:
         """Abort the engine request (its KV pages are freed now) and release the Triton request."""
@@ -266,7 +276,7 @@ class Qwen3Backend:
             elif stream.last_token is not None:
                 self.metrics.itl.observe((now - stream.last_token) / new_tokens)
             stream.last_token = now
-        self.metrics.tokens_out.increment(new_tokens)
+        self._tokens_out += new_tokens
         stream.tokens += new_tokens
         stream.text += delta
         for o in outputs:
@@ -304,8 +314,8 @@ class Qwen3Backend:
             T("finish_reason", np.array([[(out.finish_reason or "").encode()]], dtype=np.object_)),
             T("cum_log_probs", np.array([[out.cum_logprob]], dtype=np.float32)),
             T("output_log_probs", np.array([logprobs or [0.0]], dtype=np.float32)),
-            T("batch_index", np.array([[0]], dtype=np.int32)),
-            T("sequence_index", np.array([[0]], dtype=np.int32)),
+            T("batch_index", _ZERO),
+            T("sequence_index", _ZERO),
         ]
         if valid is not None:
             tensors += [T("json_valid", np.array([[valid]], dtype=np.bool_)),
