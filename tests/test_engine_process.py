@@ -65,6 +65,13 @@ def test_the_client_adds_refuses_and_ends_requests(tiny_engine):
         client.add("a", on_output, "hello", SamplingParams(max_tokens=5, temperature=0.0))
         assert done.wait(60)
         assert sum(len(o.token_ids) for o in outs) == 5 and outs[-1].finish_reason == "length"
+        deadline = time.monotonic() + 30  # nothing of the finished request is left on either side
+        while time.monotonic() < deadline and not (client.memory_state().get("engine_seqs") == 0 and
+                                                   client.memory_state().get("engine_process_callbacks") == 0):
+            time.sleep(0.05)
+        state = client.memory_state()
+        assert state["engine_callbacks"] == state["engine_seqs"] == state["engine_process_callbacks"] == 0, state
+        assert client.stats()["kv_pages_used"] == 0
         with pytest.raises(RequestError, match="text_input: the prompt is empty"):
             client.add("b", on_output, "", SamplingParams(max_tokens=5))
         # the process dies while a request runs: the request ends with an error that says so, new ones are refused

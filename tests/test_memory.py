@@ -60,7 +60,7 @@ def _mixed_load(backend, n: int, rng: random.Random, concurrency: int = 8) -> No
 def small_kv_backend(tiny_engine):
     # 24 pages of 32 tokens: the prefix cache must evict to stay within them.
     b = Qwen3Backend({"engine_dir": str(tiny_engine), "device": "cpu", "allow_gpu_mismatch": "true",
-                      "num_kv_blocks": "24"}, FakePb)
+                      "num_kv_blocks": "24", "engine_process": "false"}, FakePb)  # (the engine's state, read here)
     yield b
     b.shutdown()
 
