@@ -1,9 +1,12 @@
-"""What the Triton `qwen3` model (Python backend, decoupled) runs: the engine loop in a thread, requests
+"""What the Triton `qwen3` model (Python backend, decoupled) runs: the engine loop (in a thread, or in its
+own process), requests
 parsed and submitted as they arrive, and a sender thread that turns engine outputs into responses.
 
 The sender coalesces: when a stream produces tokens faster than responses can be sent (a decoupled
 Python-backend response costs ~0.1-0.3 ms), one response carries every token produced since the
-previous one. Cancelled requests are aborted (their KV pages freed) within one sender pass.
+previous one. Cancelled requests are aborted (their KV pages freed) within ~0.1 s (is_cancelled() is asked
+every 50 ms). With `engine_process` (qwentrt/serving/engine_process.py) the engine loop runs in its own
+process, so that the sender's Python never holds the GIL the loop needs.
 
 Faults: a failed engine step ends the requests in it with INTERNAL (counted in qwentrt_step_faults_total);
 when the engine cannot go on (its loop failed, or `max_consecutive_step_faults` steps failed in a row)
