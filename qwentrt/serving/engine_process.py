@@ -339,6 +339,9 @@ class _Server:
             self.service = AsyncEngine(engine, int(params.get("max_consecutive_step_faults", 3)),
                                        after_outputs=self.flush)
         except Exception as e:
+            import traceback
+
+            traceback.print_exc()  # (into tritonserver's log, beside the stub's error)
             self.send(("failed", f"{type(e).__name__}: {e}"))
             return
         self.engine = engine
