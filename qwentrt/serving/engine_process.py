@@ -36,6 +36,7 @@ from qwentrt.engine.engine import RequestError, RequestOutput
 
 ENV = "QWENTRT_ENGINE_PROCESS"  # what engine_process: auto means: 1 (a process) or 0 (a thread)
 STATS_S = 0.1  # how often the engine process sends its counters
+ADD_TIMEOUT_S = 120.0  # an add the engine process has not answered by then fails (INTERNAL) and is aborted
 
 
 class EngineProcessError(RuntimeError):
@@ -144,10 +145,13 @@ class EngineClient:
             self._send(("add", request_id, prompt, params, messages, prompt_ids))
         except OSError:
             pass  # the process is gone: the reader says so below
-        ack[0].wait()
+        answered = ack[0].wait(ADD_TIMEOUT_S)
         with self._lock:
             self._acks.pop(request_id, None)
-        answer = ack[1]
+        answer = ack[1] if answered else (
+            "internal", f"the engine process (pid {self.process.pid}) did not take the request in {ADD_TIMEOUT_S:.0f} s")
+        if not answered:
+            self.abort(request_id)
         if answer is None:
             return
         with self._lock:
