@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -300,30 +301,55 @@ def _python() -> str:
 
 # ---- the engine process ---------------------------------------------------------------------------
 class _Server:
+    """Every message to the stub goes through one queue and a writer thread, in order: the engine thread
+    never waits on the socket. (It did: when the stub's response threads fell behind at 512 streams, a full
+    socket buffer held every engine step up to the stub's pace, and the served engine ran at 0.74 of
+    engine-direct on the H100.) A stub that falls behind gets several steps' outputs at once, which its
+    sender coalesces into fewer responses."""
+
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.lock = threading.Lock()  # one sender at a time (intake thread, engine thread)
+        self.lock = threading.Lock()  # dead_sent
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.batch: list[tuple] = []
         self.service = None
         self.dead_sent = False
+        self.writer = threading.Thread(target=self._write, name="qwentrt-engine-writer", daemon=True)
+        self.writer.start()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                msg = self.outbox.get()
+                if msg is None:
+                    return
+                self.conn.send(msg)
+        except (OSError, ValueError):
+            os._exit(0)  # the stub is gone
 
     def send(self, msg: tuple) -> None:
+        self.outbox.put(msg)
+
+    def close(self, timeout_s: float = 10) -> None:
+        """Send what is queued, then stop the writer."""
+        self.outbox.put(None)
+        self.writer.join(timeout_s)
+
+    def send_dead_once(self) -> None:
         with self.lock:
-            self.conn.send(msg)
+            if self.service is None or self.service.dead is None or self.dead_sent:
+                return
+            self.dead_sent = True
+        self.send(("dead", self.service.dead))
 
     def on_output(self, out: RequestOutput) -> None:  # engine thread
         self.batch.append(_pack(out))
 
     def flush(self) -> None:  # engine thread, after each step's outputs
         batch, self.batch = self.batch, []
-        try:
-            if batch:
-                self.send(("out", batch, self.service.num_waiting if self.service else 0))
-            if self.service is not None and self.service.dead is not None and not self.dead_sent:
-                self.dead_sent = True
-                self.send(("dead", self.service.dead))
-        except OSError:
-            os._exit(0)  # the stub is gone
+        if batch:
+            self.send(("out", batch, self.service.num_waiting if self.service else 0))
+        self.send_dead_once()
 
     def run(self) -> None:
         from qwentrt.engine.async_engine import AsyncEngine
@@ -347,6 +373,7 @@ class _Server:
 
             traceback.print_exc()  # (into tritonserver's log, beside the stub's error)
             self.send(("failed", f"{type(e).__name__}: {e}"))
+            self.close()
             return
         self.engine = engine
         self.send(("ready", {"max_seq_len": engine.max_seq_len, "max_batch_size": engine.max_batch_size,
@@ -381,6 +408,7 @@ class _Server:
                 service.abort(msg[1])
             elif kind == "stop":
                 service.shutdown()
+                self.close()
                 return
 
     def send_stats(self) -> None:
@@ -391,11 +419,7 @@ class _Server:
                   "prefix_cache_pages": len(bm._hash_to_block), "kv_pages": bm.num_blocks,
                   "engine_process_callbacks": len(service._streams)}
         self.send(("stats", service.stats(), memory))
-        if service.dead is not None and not self.dead_sent:  # (the engine thread sends it too, after its outputs)
-            with self.lock:
-                if not self.dead_sent:
-                    self.dead_sent = True
-                    self.conn.send(("dead", service.dead))
+        self.send_dead_once()  # (the engine thread sends it too, after its outputs)
 
 
 def main(argv: list[str]) -> int:
