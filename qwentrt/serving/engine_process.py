@@ -21,7 +21,6 @@ no engine outlives its server."""
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import socket
 import subprocess
