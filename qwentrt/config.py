@@ -185,8 +185,8 @@ class Qwen3Config:
 
 def default_max_batch_size(budget_gib: float) -> int:
     """Running requests per step when --max-batch-size is not given: 512 on cards of 40 GiB or more (an H100
-    runs 1000-in / 1000-out at 9.3k output tok/s at 512 against 7.4k at 256, docs/PERFORMANCE.md), 256 below
-    (a 24 GiB card's KV cache holds ~270k tokens: a larger batch would only cost memory)."""
+    runs 1000-in / 1000-out at 9,841 output tok/s at concurrency 512 against 8,150 at 256: docs/PERFORMANCE.md,
+    fifth run), 256 below (a 24 GiB card's KV cache holds ~268k tokens: a larger batch would only cost memory)."""
     return 512 if budget_gib >= 40 else 256
 
 

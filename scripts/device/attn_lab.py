@@ -4,10 +4,10 @@
 import sys
 
 import torch
-import triton.testing
 
 sys.path.insert(0, ".")
 from qwentrt.engine.kernels import paged_attention as pa  # noqa: E402
+from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 from tests.test_paged_attention_kernel import make_batch  # noqa: E402
 
 FULL_PAGES = 1024
@@ -20,13 +20,7 @@ for batch, context in ((1, 1024), (1, 2048), (16, 1024), (64, 1024), (64, 2048),
                          kv_dtype=torch.float8_e4m3fn, device="cuda", extra_cols=FULL_PAGES - pages)
         out = torch.empty_like(inp["q"])
         try:
-            fn = lambda: pa.paged_attention_decode(**inp, partition_size=psize, out=out)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            ms = triton.testing.do_bench(g.replay, return_mode="median")
+            ms = time_in_graph(lambda: pa.paged_attention_decode(**inp, partition_size=psize, out=out), replays=50)
             line.append(f"{psize or 'auto'}:{ms * 1e3:6.1f}")
         except Exception as e:  # noqa: BLE001
             line.append(f"{psize}: fail {str(e)[:60]}")

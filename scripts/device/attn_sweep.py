@@ -1,15 +1,15 @@
 """Paged-attention decode at large batches (the throughput case: 256-512 sequences of ~1,500 tokens, FP8 KV,
-Qwen3-4B's heads, block tables of the engine's full width): tile / warps / stages sweep under CUDA graphs,
+Qwen3-4B's heads, block tables of the engine's full width): tile / warps / stages sweep under CUDA graphs (median of 50 replays),
 time per layer and the KV bytes read per second. (H100 lab, not a test.) Usage: attn_sweep.py [BATCH,...]"""
 
 import itertools
 import sys
 
 import torch
-import triton.testing
 
 sys.path.insert(0, ".")
 from qwentrt.engine.kernels import paged_attention as pa  # noqa: E402
+from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 from tests.test_paged_attention_kernel import make_batch  # noqa: E402
 
 FULL_PAGES = 1024
@@ -24,24 +24,12 @@ for batch in batches:
     results = []
     for tile, warps, stages in itertools.product((32, 64, 128, 256), (2, 4, 8), (2, 3, 4)):
         try:
-            fn = lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out, tile_tokens=tile,  # noqa
-                                                   num_warps=warps, num_stages=stages)
-            fn()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            ms = triton.testing.do_bench(g.replay, return_mode="median")
+            ms = time_in_graph(lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out, tile_tokens=tile,
+                                                                 num_warps=warps, num_stages=stages), replays=50)
             results.append((ms, tile, warps, stages))
         except Exception:  # noqa: BLE001 (a config that does not fit: not a candidate)
             results.append((float("inf"), tile, warps, stages))
-    default = pa.paged_attention_decode
-    fn = lambda: default(**inp, partition_size=None, out=out)  # noqa: E731
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms0 = triton.testing.do_bench(g.replay, return_mode="median")
+    ms0 = time_in_graph(lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out), replays=50)
     print(f"batch {batch}: default {ms0 * 1e3:.1f} us/layer ({kv_bytes / ms0 / 1e9:.2f} TB/s), x36 {ms0 * 36:.2f} ms")
     for ms, tile, warps, stages in sorted(results)[:8]:
         print(f"  tile {tile:3d} warps {warps} stages {stages}: {ms * 1e3:7.1f} us ({kv_bytes / ms / 1e9:.2f} TB/s)")
