@@ -239,6 +239,11 @@ def test_served_run_against_tritonserver(tiny_engine, tmp_path):
         assert r["finish_reason"] == "length" and r["arrival"] < r["token_times"][0] <= r["end"]
     assert doc["perf_analyzer"]["status"] in ("ok", "skipped", "partial")
     assert (out / "served" / "tritonserver.log").is_file()
+    server = p["server"]  # the server's own counters over the point: the engine made every token the client saw
+    assert server["samples"] >= 2 and server["engine_steps_s"] > 0, server
+    # (the model exports its counters every 0.2 s: the last ones of a short point may come after the window)
+    assert 0 < server["engine_tok_s"] * server["window_s"] <= 6 * 6 + 6, server
+    assert "what the server says" in (out / "report.md").read_text()
 
 
 # ---- the HF peer ------------------------------------------------------------------------------------------

@@ -67,12 +67,13 @@ def interpreter():
 
 
 def _interpreted_case(seed: int, context_lens: list[int], partition_size: int, zero_rows: list[int] = (),
-                      tile_tokens: int | None = None, **make_kw) -> tuple[float, bool]:
+                      tile_tokens: int | None = None, compute_f16: bool | None = None,
+                      **make_kw) -> tuple[float, bool]:
     """In the worker: (relative error vs the reference, whether the rows zero_rows are exactly 0)."""
     torch.manual_seed(seed)
     inp = make_batch(context_lens, **make_kw)
     ref = ref_out(inp)
-    out = run_kernel(pa, inp, partition_size, tile_tokens)
+    out = run_kernel(pa, inp, partition_size, tile_tokens, compute_f16=compute_f16)
     zeros = all(torch.equal(out[r], torch.zeros_like(out[r])) and torch.equal(ref[r], out[r]) for r in zero_rows)
     return rel_err(out, ref), zeros
 
@@ -121,9 +122,9 @@ def ref_out(inp: dict) -> torch.Tensor:
                                      inp["context_lens"], inp["scale"], inp["k_scale"], inp["v_scale"])
 
 
-def run_kernel(mod, inp: dict, partition_size: int, tile_tokens: int | None = None) -> torch.Tensor:
+def run_kernel(mod, inp: dict, partition_size: int, tile_tokens: int | None = None, **kw) -> torch.Tensor:
     out = torch.full_like(inp["q"], float("nan"))  # poison: every element must be written
-    res = mod.paged_attention_decode(**inp, partition_size=partition_size, out=out, tile_tokens=tile_tokens)
+    res = mod.paged_attention_decode(**inp, partition_size=partition_size, out=out, tile_tokens=tile_tokens, **kw)
     assert res is out
     assert not out.isnan().any(), "the kernel left elements of the output unwritten (or wrote NaN)"
     assert not pa._counters(out.device).any(), "the split-KV arrival counters were not left zero"
@@ -173,6 +174,25 @@ def test_decode_fp8_cache_interpreted(interpreter, num_heads, num_kv_heads, spli
                                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64, block_size=16,
                                q_dtype=torch.float32, kv_dtype=FP8, lens_dtype=torch.int32)
     assert err < 1e-4, f"rel err {err:.3g} (seed {seed})"
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_decode_fp8_cache_fp16_dots_interpreted(interpreter, split):
+    """compute_f16 (the default for FP8 caches with a bf16 q on CUDA) forced with an fp32 q: q rounded to
+    fp16, K / V exact in fp16, p in fp16: fp16 operand accuracy (the interpreter is faithful for fp16)."""
+    err, _, seed = interpreted(interpreter, context_lens_for(16, 32), 32 if split else 1024, compute_f16=True,
+                               num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                               q_dtype=torch.float32, kv_dtype=FP8, lens_dtype=torch.int32)
+    assert 0 < err < 2e-3, f"rel err {err:.3g} (seed {seed})"
+
+
+def test_fp16_dots_refused_for_an_unquantized_cache():
+    inp = make_batch([5, 9], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, q_dtype=torch.float32,
+                     kv_dtype=torch.float32)
+    if not pa.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    with pytest.raises(ValueError, match="compute_f16 is for FP8 caches"):
+        pa.paged_attention_decode(**inp, compute_f16=True)
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -232,6 +252,19 @@ def test_decode_cuda_qwen3_4b_shapes(poisoned, kv_dtype, partition_size, tile_to
     ctx0["context_lens"][3] = 0  # an empty (padding) slot gives zeros
     out = run_kernel(pa, ctx0, partition_size, tile_tokens)
     assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compute_f16", [False, True])
+@pytest.mark.parametrize("partition_size", [None, 256])
+def test_decode_cuda_fp8_dots_in_bf16_and_fp16(poisoned, compute_f16, partition_size):
+    """Both dot dtypes of an FP8 cache against the reference; fp16 is at least as close (p keeps 10 bits)."""
+    lens = [1, 33, 700, 2000] + torch.randint(1, 3000, (6,)).tolist()
+    inp = make_batch(lens, num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
+                     kv_dtype=FP8, device="cuda", extra_cols=8)
+    ref = ref_out(inp)
+    err = rel_err(run_kernel(pa, inp, partition_size, compute_f16=compute_f16), ref)
+    assert err < (5e-3 if compute_f16 else 1e-2), err
 
 
 @pytest.mark.gpu

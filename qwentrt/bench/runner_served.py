@@ -15,6 +15,7 @@ from typing import Callable
 from qwentrt.bench.grid import BenchConfig, Point
 from qwentrt.bench.nvml import NvmlSampler
 from qwentrt.bench.runner_engine import _error_text, brief
+from qwentrt.bench.server_side import ServerSide
 from qwentrt.bench.stats import RequestRecord, point_result
 from qwentrt.bench.workload import WARMUP_OUTPUT_TOKENS, Prompts
 
@@ -102,7 +103,7 @@ async def _closed_loop(url: str, n: int | None, duration: float | None, concurre
     return records, t0, (max(ends) if ends else time.perf_counter() - t0)
 
 
-def run_point(cfg: BenchConfig, url: str, point: Point, sampler: NvmlSampler) -> dict:
+def run_point(cfg: BenchConfig, url: str, point: Point, sampler: NvmlSampler, metrics_url: str | None = None) -> dict:
     prompts = Prompts(point, cfg.seed)
     prompts.prefetch(point.num_requests if cfg.duration_s is None else 2 * point.concurrency)
     extra = {"num_requests": point.num_requests}
@@ -114,16 +115,21 @@ def run_point(cfg: BenchConfig, url: str, point: Point, sampler: NvmlSampler) ->
         mark = sampler.mark()
         records: list[RequestRecord] = []
         state: dict = {"t0": time.perf_counter()}
+        server_side = ServerSide(metrics_url).start() if metrics_url else None
         try:
             records, t0, window = asyncio.run(_closed_loop(url, point.num_requests, cfg.duration_s, c,
                                                            prompts.measured, point.osl, cfg.point_timeout_s,
                                                            records, state))
         except KeyboardInterrupt:  # keep what the point measured, then stop the run
+            if server_side is not None:
+                extra["server"] = server_side.stop()
             done = [r for r in records if r.end is not None and r.error is None]
             return point_result("served", point.isl, point.osl, c, done, time.perf_counter() - state["t0"],
                                 sampler.summary(mark), cfg.price_per_gpu_hour,
                                 error=None if done else "interrupted before a request finished", interrupted=True,
                                 **extra)
+        if server_side is not None:
+            extra["server"] = server_side.stop()
         gpu = sampler.summary(mark, t0 + window)
         return point_result("served", point.isl, point.osl, c, records, window, gpu, cfg.price_per_gpu_hour,
                             **extra)
@@ -145,7 +151,7 @@ def run(cfg: BenchConfig, points: list[Point], sampler: NvmlSampler, log: Log, o
             for p in points:
                 log(f"served: {p.label}, {p.num_requests if cfg.duration_s is None else f'{cfg.duration_s:g} s of'} "
                     "requests")
-                r = run_point(cfg, served.url, p, sampler)
+                r = run_point(cfg, served.url, p, sampler, served.server.metrics_url)
                 log("served:   " + brief(r))
                 results.append(r)
                 on_result(r)

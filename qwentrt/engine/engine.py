@@ -93,6 +93,8 @@ class LLMEngine:
         self._inflight: InFlightStep | None = None  # the step launched and not yet processed
         self._ids = itertools.count()
         self.num_step_faults = 0  # steps that failed (their requests ended with finish_reason "error")
+        self.num_steps = 0  # steps whose tokens came in
+        self.num_generated_tokens = 0  # tokens those steps produced (the engine's own throughput counter)
         self.consecutive_step_faults = 0  # failed steps since the last good one
         self.last_step_fault: str | None = None
 
@@ -296,6 +298,8 @@ class LLMEngine:
     def _process(self, step: InFlightStep, tokens: list[int], logprobs: list[float] | None) -> list[RequestOutput]:
         bm = self.block_manager
         tokens, logprobs = self.sampler.to_host(tokens, logprobs, step.sampling)
+        self.num_steps += 1
+        self.num_generated_tokens += len(step.sampling)
         outputs = []
         for seq, token, lp in zip(step.sampling, tokens, logprobs):
             seq.num_pending -= 1
@@ -388,4 +392,5 @@ class LLMEngine:
                 "kv_pages_used": bm.num_used_blocks, "kv_pages_free": bm.num_free_blocks,
                 "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
                 "prefix_cache_query_tokens": bm.prefix_cache_query_tokens,
-                "preemptions": self.scheduler.num_preemptions, "step_faults": self.num_step_faults}
+                "preemptions": self.scheduler.num_preemptions, "step_faults": self.num_step_faults,
+                "engine_steps": self.num_steps, "engine_tokens": self.num_generated_tokens}

@@ -100,6 +100,7 @@ class Qwen3Backend:
         self._tokens_out = 0  # generated tokens sent since the counter was last updated (once per pass)
         self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
+        self._counts_seen: dict[str, int] = {}  # the engine counters last exported (engine_steps, engine_tokens)
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -244,6 +245,11 @@ class Qwen3Backend:
             faults_now = stats.get("step_faults", 0)
             self.metrics.step_faults.increment(faults_now - self._step_faults_seen)
             self._step_faults_seen = faults_now
+            for key, counter in self.metrics.counters.items():
+                now_count = stats.get(key, 0)
+                if now_count > self._counts_seen.get(key, 0):
+                    counter.increment(now_count - self._counts_seen.get(key, 0))
+                    self._counts_seen[key] = now_count
             last_gauges = now
         return last_gauges
 
@@ -415,6 +421,11 @@ class _Metrics:
                              fam.COUNTER)
         self.step_faults = metric("qwentrt_step_faults_total", "Engine steps that failed (their requests failed)",
                                   fam.COUNTER)
+        # The engine's own counts (ahead of the responses when the sender lags): with qwentrt_generated_tokens_total
+        # they tell an engine-bound server from a response-bound one
+        self.counters = {k: metric(f"qwentrt_{k}_total", desc, fam.COUNTER) for k, desc in {
+            "engine_steps": "Engine steps whose tokens came in",
+            "engine_tokens": "Tokens the engine generated (sent or not yet)"}.items()}
         self.healthy = metric("qwentrt_engine_healthy", "1 while the engine runs, 0 once it has stopped for good",
                               fam.GAUGE)
         self.healthy.set(1)

@@ -23,6 +23,10 @@ as bytes and bit-cast to float8e4nv in registers), scores = q @ K^T, and an onli
 a running max m, a running sum l and an unnormalized accumulator acc = sum_t exp(s_t - m) v_t.
 The k_scale of FP8 keys is folded into the softmax scale and the v_scale applied once at the end;
 fp8 -> bf16/fp16 is exact, so the tensor-core dots see the exact cached values.
+FP8 caches with a bf16 q compute in fp16 (`compute_f16`): e4m3 -> fp16 is one conversion instruction per
+pair (cvt.rn.f16x2.e4m3x2) where e4m3 -> bf16 takes several, and that conversion, not memory, bounded the
+kernel at large batches (docs/KERNEL_NOTES.md); q is clamped to fp16's range (a no-op for real queries),
+and p in [0, 1] keeps more mantissa in fp16 than in bf16, so the result is at least as exact.
 When the sequence's context fits in one partition (always, when the block table's width does) the
 program writes out = acc / l directly. Otherwise each partition holding tokens writes its partial
 (m, l, acc), then counts itself in with an atomic add (acq_rel, after a barrier: its partials are visible
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -55,6 +60,7 @@ HAS_TRITON = triton is not None
 _LOG2E = 1.4426950408889634
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the query heads of a group are padded to this many rows
 TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
+ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "1") != "0"  # FP8 caches: dots in fp16 (see the module doc)
 
 
 def auto_partition_size(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -155,7 +161,7 @@ if HAS_TRITON:
         GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUPS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
         PARTITIONS_PAD: tl.constexpr, KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, COMPUTE_F16: tl.constexpr = False,
     ):
         """One (sequence, KV head, partition): online softmax over the partition's pages; the partition of
         the sequence to finish last reduces them all. qk_scale = softmax scale * k_scale * log2(e)."""
@@ -181,6 +187,8 @@ if HAS_TRITON:
 
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=head_ok[:, None], other=0.0)  # [GROUPS_PAD, D]
+        if COMPUTE_F16:  # the dots in fp16: e4m3 -> fp16 is one cvt per pair (see the module doc)
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
         m_i = tl.full([GROUPS_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUPS_PAD], dtype=tl.float32)
@@ -236,13 +244,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float, v_scale: float, partition_size: int | None = 512, *,
                            out: torch.Tensor | None = None, tile_tokens: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None,
+                           compute_f16: bool | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: q [B, H, D] -> [B, H, D] (see the module doc).
     partition_size: tokens per split-KV partition, a multiple of tile_tokens (None: auto_partition_size);
     one partition (no partials) when it covers the block table's width.
     tile_tokens: context tokens per loop step, a power of two >= 16 (default: 16 KiB of K per step, 128
     tokens of FP8 at head_dim 128; less where partition_size needs it).
     num_stages: software-pipelining depth of the loop (default: 3 on Hopper, 2 elsewhere).
+    compute_f16: dots in fp16 (default: for FP8 caches with a bf16 q, unless $QWENTRT_ATTN_F16=0).
     out: optional [B, H, D] buffer to write into."""
     if not HAS_TRITON:
         raise RuntimeError("paged_attention_decode needs triton")
@@ -274,6 +284,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
 
+    if compute_f16 is None:
+        compute_f16 = kv_fp8 and q.dtype == torch.bfloat16 and ATTN_F16
+    elif compute_f16 and not kv_fp8:
+        raise ValueError("compute_f16 is for FP8 caches (a bf16 cache's values may not fit fp16)")
     groups = num_heads // num_kv_heads
     num_partitions = max(1, triton.cdiv(max_context, partition_size))
     single = num_partitions == 1
@@ -300,7 +314,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
         PARTITIONS_PAD=triton.next_power_of_2(num_partitions), KV_FP8=kv_fp8, SINGLE_PARTITION=single,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: unused by 16-bit dots
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 and not compute_f16 else "tf32",  # (unused by 16-bit dots)
+        COMPUTE_F16=bool(compute_f16),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
