@@ -13,9 +13,10 @@ Variants (what each tests):
 - dot "fma":  no tensor cores: 4 heads unpadded, products and sums on the FP32 units;
 - dot "qk16": as "qk" with q, K, V and p in fp16 (e4m3 -> fp16 is one cvt per pair; -> bf16 is several).
 The production kernel is timed with its dots in bf16 and in fp16 (compute_f16).
-Usage: attn_variants.py [BATCH]"""
+Usage: [QUICK=1] attn_variants.py [BATCH]"""
 
 import itertools
+import os
 import sys
 
 import torch
@@ -163,8 +164,9 @@ def main(batch: int) -> None:
             results.append((ms, f"production fp16 tile {tile} w{warps} s{stages}"))
         except Exception as e:  # noqa: BLE001
             print(f"  production fp16 tile {tile} w{warps} s{stages}: failed {type(e).__name__}", flush=True)
-    for head_fast, dot in itertools.product((False, True), (0, 1, 3)):
-        for tile, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
+    quick = os.environ.get("QUICK") == "1"  # only the fp16 lab variant, 4 warps
+    for head_fast, dot in itertools.product((False, True), (3,) if quick else (0, 1, 3)):
+        for tile, warps, stages in itertools.product((64, 128), (4,) if quick else (4, 8), (2, 3)):
             name = f"grid {'head' if head_fast else 'seq '} dot {('qk', 'kq', 'fma', 'qk16')[dot]} tile {tile:3d} w{warps} s{stages}"
             try:
                 got = lab(inp, torch.full_like(out, float("nan")), head_fast, dot, tile, warps, stages)
