@@ -15,3 +15,9 @@ if [ "${ATTN:-1}" = 1 ]; then
   QUICK=1 timeout ${ATTN_LIMIT:-120} python3 scripts/device/attn_variants.py ${ATTN_BATCH:-512} 2>&1 | tee $OUT/attn.log | tail -14
 fi
 [ "${BENCH:-1}" = 1 ] && bash scripts/device/bench_h100.sh
+# ENGINE_LABS: ';'-separated commands run last, with the bench's engine at /tmp/engine-4b
+# (e.g. "python3 scripts/device/prefill_profile.py /tmp/engine-4b"), LAB_LIMIT seconds each
+if [ -n "${ENGINE_LABS:-}" ] && [ -f /tmp/engine-4b/engine.json ]; then
+  IFS=';' read -ra LABS <<< "$ENGINE_LABS"
+  for lab in "${LABS[@]}"; do echo "== $lab"; timeout ${LAB_LIMIT:-90} bash -c "$lab" 2>&1 | grep -v "Warning\|warn(" | tee -a $OUT/labs.log | tail -${LAB_LINES:-45}; done
+fi
