@@ -256,3 +256,27 @@ def test_fault_rules_are_checked():
     for bad in ("step:every=0", "kernel:every=2", "step=3"):
         with pytest.raises(ValueError, match="QWENTRT_FAULT_INJECT"):
             faults.parse(bad)
+
+
+def test_cancellation_polls_stay_within_their_budget_and_reach_every_stream():
+    """Past cancel_polls_per_s * POLL_S streams a round, the rounds take turns: each round asks at most the
+    budget, and consecutive rounds together ask every stream (no stream is never polled)."""
+    from qwentrt.serving import qwen3_backend as qb
+    b = qb.Qwen3Backend.__new__(qb.Qwen3Backend)  # only the round robin's state, no engine
+    b.cancel_polls_per_s, b._poll_cursor = 2000, 0
+    budget = int(2000 * qb.POLL_S)
+    few = list(range(budget))
+    assert b._poll_round(few) == few  # all fit: every stream, every round
+    live = list(range(3 * budget + 7))
+    seen = []
+    for _ in range(4):
+        got = b._poll_round(live)
+        assert len(got) == budget
+        seen += got
+    assert set(seen) == set(live)
+    assert seen[:budget] == live[:budget] and seen[budget] == live[budget]  # in order, continuing the cursor
+
+
+def test_cancel_polls_per_s_must_be_positive():
+    with pytest.raises(ValueError, match="cancel_polls_per_s: expected a positive number"):
+        Qwen3Backend({"engine_dir": "/nonexistent", "cancel_polls_per_s": "0"}, FakePb)

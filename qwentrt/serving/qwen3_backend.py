@@ -36,7 +36,7 @@ from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
 _ZERO = np.zeros((1, 1), dtype=np.int32)  # batch_index and sequence_index of every response
-POLL_S = 0.05  # how often the sender asks Triton whether each stream was cancelled
+POLL_S = 0.05  # how often the sender asks Triton whether streams were cancelled (a budget a round: see below)
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
            "output_log_probs", "batch_index", "sequence_index", "json_valid", "json_errors")
 
@@ -65,6 +65,10 @@ class Qwen3Backend:
         # loop needs too when it runs here): past this rate, streams are paced and each response carries
         # several tokens.
         self.max_responses_per_s = _positive(params, "max_responses_per_s", 1500)  # checked before loading
+        # is_cancelled() is a round trip to Triton (~0.1 ms of the sender's time): polling every stream every
+        # POLL_S made the sender poll ~10,000 times a second at 512 streams; past this budget each stream is
+        # polled less often (round robin), so cancellation is noticed within max(POLL_S, streams / budget).
+        self.cancel_polls_per_s = _positive(params, "cancel_polls_per_s", 2000)
         self.on_engine_failure = params.get("engine_failure", "shutdown")
         if self.on_engine_failure not in ("shutdown", "reject"):
             raise ValueError(f"engine_failure: {self.on_engine_failure!r} is not shutdown or reject")
@@ -97,6 +101,7 @@ class Qwen3Backend:
         self.drain_s = float(params.get("shutdown_drain_s", 20))
         self._next_due: float | None = None
         self._next_poll = 0.0  # when the sender next asks every stream whether it was cancelled
+        self._poll_cursor = 0  # round robin over the streams when they are more than a poll round's budget
         self._tokens_out = 0  # generated tokens sent since the counter was last updated (once per pass)
         self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
@@ -224,12 +229,24 @@ class Qwen3Backend:
         if self._tokens_out:
             self.metrics.tokens_out.increment(self._tokens_out)  # (a metric update is a round trip to Triton)
             self._tokens_out = 0
-        # is_cancelled() is a round trip to Triton per stream: every POLL_S, not every pass (one per step)
+        # is_cancelled() is a round trip to Triton per stream: every POLL_S, not every pass (one per step), and
+        # at most cancel_polls_per_s * POLL_S streams a round, taking turns (the round robin continues from
+        # the stream after the last one polled)
         if now >= self._next_poll:
             self._next_poll = now + POLL_S
-            for stream in live:
+            for stream in self._poll_round(live):
                 if stream.request_id in self._streams and stream.sender.is_cancelled():
                     self._cancel(stream)
+
+    def _poll_round(self, live: list[Stream]) -> list[Stream]:
+        """The streams to ask is_cancelled() this round: all of them when they fit the budget, else the next
+        `budget` after the one asked last (streams keep their arrival order in self._streams)."""
+        budget = max(1, int(self.cancel_polls_per_s * POLL_S))
+        if len(live) <= budget:
+            return live
+        start = self._poll_cursor % len(live)
+        self._poll_cursor = start + budget
+        return (live + live)[start:start + budget]
 
     def _cancel(self, stream: Stream) -> None:
         """Abort the engine request (its KV pages are freed now) and release the Triton request."""

@@ -44,6 +44,9 @@ QWEN3_PARAMETERS = {
     "fault_inject": "tests only: see qwentrt/serving/faults.py",
     "max_responses_per_s": "streamed responses per second across all streams the sender aims at; past it, each "
                            "response carries several tokens [1500]",
+    "cancel_polls_per_s": "is_cancelled() calls per second the sender spends on noticing cancelled streams (each a "
+                          "round trip to Triton); every stream is asked every 50 ms while they fit, past that in "
+                          "turns [2000]",
     "engine_process": "true: the engine loop runs in its own process (its GIL is not the response sender's), "
                       "false: in a thread of the model's process; auto: $QWENTRT_ENGINE_PROCESS (1 or 0) in tritonserver's "
                       "environment if set, else a process on CUDA and a thread on the CPU [auto]",
