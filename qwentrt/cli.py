@@ -356,6 +356,16 @@ def _command_line(ctx: click.Context) -> list[str]:
     return words
 
 
+def _key_values(items: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise QwentrtError(f"{option}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--isl", multiple=True, default=("1000",), show_default=True,
@@ -394,6 +404,8 @@ def _command_line(ctx: click.Context) -> list[str]:
 @click.option("--server-timeout", "server_timeout_s", type=float, default=600, show_default=True,
               help="Seconds to wait for tritonserver's models to be ready.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the synthetic prompts.")
+@click.option("--served-param", "served_params", multiple=True, metavar="KEY=VALUE",
+              help="A qwen3 model parameter for the served runs (repeatable), e.g. max_responses_per_s=3000.")
 @click.option("--quick", is_flag=True,
               help="A smoke test: ISL 16, OSL 8, concurrency 1,4 (unless given), for CI and a first look.")
 @click.pass_context
@@ -402,7 +414,7 @@ def bench(ctx: click.Context, engine_dir: Path, isl: tuple[str, ...], osl: tuple
           mode: str, warmup: int, peer: str | None, peer_checkpoint: str | None, peer_max_batch: int,
           peer_batches: int, price_per_gpu_hour: float, out: Path | None, use_perf_analyzer: bool,
           perf_analyzer_ms: int, device: str | None, allow_gpu_mismatch: bool, server_timeout_s: float, seed: int,
-          quick: bool) -> None:
+          served_params: tuple[str, ...], quick: bool) -> None:
     """Measure ENGINE_DIR over an ISL/OSL x concurrency grid: TTFT, ITL, end-to-end latency, tokens/s,
     GPU memory, power, J/token and cost, engine-direct and served, optionally against the HF peer.
     Writes results.json, report.md and PNG plots to --out; prints the table."""
@@ -426,7 +438,8 @@ def bench(ctx: click.Context, engine_dir: Path, isl: tuple[str, ...], osl: tuple
                           peer_max_batch=peer_max_batch, peer_batches=peer_batches,
                           price_per_gpu_hour=price_per_gpu_hour, out=out, perf_analyzer=use_perf_analyzer,
                           perf_analyzer_ms=perf_analyzer_ms, device=device, server_timeout_s=server_timeout_s,
-                          seed=seed, command=_command_line(ctx))
+                          seed=seed, served_params=_key_values(served_params, "--served-param"),
+                          command=_command_line(ctx))
         doc, files = run_bench(cfg, log=lambda m: click.echo(m, err=True), allow_gpu_mismatch=allow_gpu_mismatch)
     except QwentrtError as e:
         _fail(e)

@@ -228,7 +228,7 @@ def test_served_run_against_tritonserver(tiny_engine, tmp_path):
         pytest.skip(str(e))
     out = tmp_path / "served"
     result = _bench([tiny_engine, "--mode", "served", "--isl", "16", "--osl", "6", "-c", "3", "-n", "6",
-                     "--device", "cpu", "--perf-analyzer", "-o", out])
+                     "--device", "cpu", "--perf-analyzer", "--served-param", "cancel_polls_per_s=500", "-o", out])
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     (p,) = doc["points"]
@@ -244,6 +244,14 @@ def test_served_run_against_tritonserver(tiny_engine, tmp_path):
     # (the model exports its counters every 0.2 s: the last ones of a short point may come after the window)
     assert 0 < server["engine_tok_s"] * server["window_s"] <= 6 * 6 + 6, server
     assert "what the server says" in (out / "report.md").read_text()
+    config = (out / "served" / "model_repository" / "qwen3" / "config.pbtxt").read_text()
+    assert 'key: "cancel_polls_per_s"\n  value: { string_value: "500" }' in config
+
+
+def test_served_params_are_checked_before_anything_runs(tiny_engine, tmp_path):
+    for bad, why in (("nope=1", "unknown qwen3 model parameter"), ("novalue", "expected KEY=VALUE")):
+        result = _bench([tiny_engine, "--mode", "served", "--served-param", bad, "-o", tmp_path / "x"])
+        assert result.exit_code != 0 and why in result.output, result.output
 
 
 # ---- the HF peer ------------------------------------------------------------------------------------------

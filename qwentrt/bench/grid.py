@@ -83,6 +83,7 @@ class BenchConfig:
     server_timeout_s: float = 600.0
     nvml_interval_s: float = 0.05
     seed: int = 0
+    served_params: dict[str, str] = field(default_factory=dict)  # qwen3 model parameters for served runs
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,12 @@ class BenchConfig:
             raise QwentrtError(f"--num-requests must be >= 1, got {self.num_requests}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise QwentrtError(f"--duration must be positive, got {self.duration_s}")
+        if self.served_params:
+            from qwentrt.serving.repository import QWEN3_PARAMETERS
+            unknown = sorted(set(self.served_params) - set(QWEN3_PARAMETERS))
+            if unknown:
+                raise QwentrtError(f"--served-param: unknown qwen3 model parameter(s) {', '.join(unknown)} "
+                                   f"(known: {', '.join(QWEN3_PARAMETERS)})")
         if self.peer_max_batch < 1 or self.peer_batches < 1:
             raise QwentrtError("--peer-max-batch and --peer-batches must be >= 1")
         if self.price_per_gpu_hour < 0:

@@ -34,7 +34,8 @@ class Served:
         from qwentrt.serving.server import ServerOptions, TritonServer, free_port
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        repo = write_repository(self.cfg.engine_dir, self.folder / "model_repository", device=self.device)
+        repo = write_repository(self.cfg.engine_dir, self.folder / "model_repository", device=self.device,
+                                params=self.cfg.served_params or None)
         self.api_key = secrets.token_urlsafe(16)  # perf_analyzer reads the model config (a restricted group)
         self.server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port(),
                                                  restricted_key=self.api_key),
