@@ -72,21 +72,14 @@ def _lab_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, qk_scale, v_scale
         offs = (page * stride_kb + (tok % BLOCK_SIZE) * stride_kt)[:, None] + kv_head * stride_kh + offs_d[None, :]
         k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
         v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
-        if DOT == 3:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
-            s = tl.dot(q.to(tl.float16), tl.trans(k)) * qk_scale  # [G, TILE]
-            s = tl.where(tok_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-            m_i = m_new
-        elif DOT == 0:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, TILE]
+        if DOT == 0 or DOT == 3:  # 3: the dots in fp16
+            if DOT == 3:
+                qd = q.to(tl.float16)
+            else:
+                qd = q
+            k = k.to(qd.dtype)
+            v = v.to(qd.dtype)
+            s = tl.dot(qd, tl.trans(k)) * qk_scale  # [G, TILE]
             s = tl.where(tok_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
