@@ -139,7 +139,14 @@ def _bench(args):
 
 
 def _table_rows(md: str) -> list[list[str]]:
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    """The rows of the report's main table (the first one; the ratios table starts with ISL)."""
+    all_lines = md.splitlines()
+    start = next(i for i, line in enumerate(all_lines) if line.startswith("| "))
+    lines = []
+    for line in all_lines[start:]:
+        if not line.startswith("| "):
+            break
+        lines.append(line)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == report.COLUMNS
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]
@@ -172,6 +179,9 @@ def test_quick_engine_run_records(quick_run):
             times = [r["arrival"], *r["token_times"]]
             assert all(a < b for a, b in zip(times, times[1:]))  # arrival < first token < ... strictly
             assert r["token_times"][-1] <= r["end"] and r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"]
+        side = p["engine_side"]  # the engine's own counters: every token came from a step, a step's time split
+        assert side["engine_tok_s"] * side["window_s"] == pytest.approx(64, rel=0.01), side
+        assert side["wait_ms_per_step"] >= 0 and side["host_ms_per_step"] > 0 and side["loop_ms_per_step"] >= 0
         s = p["summary"]
         assert s["ok"] == 8 and s["output_tokens"] == 64 and s["output_tok_s"] > 0
         assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] and s["itl_ms"]["p50"] > 0
@@ -239,11 +249,11 @@ def test_served_run_against_tritonserver(tiny_engine, tmp_path):
         assert r["finish_reason"] == "length" and r["arrival"] < r["token_times"][0] <= r["end"]
     assert doc["perf_analyzer"]["status"] in ("ok", "skipped", "partial")
     assert (out / "served" / "tritonserver.log").is_file()
-    server = p["server"]  # the server's own counters over the point: the engine made every token the client saw
-    assert server["samples"] >= 2 and server["engine_steps_s"] > 0, server
+    side = p["engine_side"]  # the server's own counters over the point: the engine made the tokens the client saw
+    assert side["samples"] >= 2 and side["engine_steps_s"] > 0 and side["host_ms_per_step"] > 0, side
     # (the model exports its counters every 0.2 s: the last ones of a short point may come after the window)
-    assert 0 < server["engine_tok_s"] * server["window_s"] <= 6 * 6 + 6, server
-    assert "what the server says" in (out / "report.md").read_text()
+    assert 0 < side["engine_tok_s"] * side["window_s"] <= 6 * 6 + 6, side
+    assert "Where the engine's time went" in (out / "report.md").read_text()
     config = (out / "served" / "model_repository" / "qwen3" / "config.pbtxt").read_text()
     assert 'key: "cancel_polls_per_s"\n  value: { string_value: "500" }' in config
 

@@ -159,21 +159,25 @@ def markdown(doc: dict) -> str:
                          f"| {_f(c['engine_over_peer_tok_s'], '.2f')} | {_f(c['engine_over_peer_ttft_p50'], '.2f')} "
                          f"| {_f(c['engine_over_peer_itl_p50'], '.2f')} | {_f(c['served_over_peer_tok_s'], '.2f')} "
                          f"| {_f(c['peer_batch'], 'd')} |")
-    server = [r for r in points if r.get("server")]
-    if server:
-        lines += ["", "## Served: what the server says", "",
-                  "The server's own metrics over each served point (qwentrt/bench/server_side.py): tokens the engine "
-                  "generated and steps it ran per second, tokens sent in responses per second, requests running and "
-                  "waiting (means of 0.5 s samples). Engine tok/s near engine-direct while the client sees less: the "
-                  "responses lag; engine tok/s low with running near C: the engine steps slower behind the server.",
-                  "", "| ISL | OSL | C | client tok/s | engine tok/s | sent tok/s | engine steps/s | ms/step | running | "
-                  "waiting |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in server:
-            v = r["server"]
-            lines.append(f"| {r['isl']} | {r['osl']} | {r['concurrency']} | "
+    sides = [r for r in points if r.get("engine_side")]
+    if sides:
+        lines += ["", "## Where the engine's time went", "",
+                  "The engine's own counters over each point (qwentrt/bench/server_side.py; served: the server's "
+                  "metrics port): tokens it generated and steps it ran per second, tokens sent in responses (served), "
+                  "and a step's time split into waiting for the device, host work in step(), and time outside step() "
+                  "(the loop around it). Engine tok/s near engine-direct while a served client sees less: the "
+                  "responses lag; engine tok/s low: the engine steps slower.",
+                  "", "| mode | ISL | OSL | C | client tok/s | engine tok/s | sent tok/s | steps/s | ms/step | "
+                  "wait ms | host ms | loop ms | running | waiting |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sides:
+            v = r["engine_side"]
+            lines.append(f"| {r['mode']} | {r['isl']} | {r['osl']} | {r['concurrency']} | "
                          f"{_f((r.get('summary') or {}).get('output_tok_s'))} | {_f(v.get('engine_tok_s'))} | "
-                         f"{_f(v.get('sent_tok_s'))} | {_f(v.get('engine_steps_s'))} | {_f(v.get('engine_ms_per_step'), '.2f')} | "
-                         f"{_f(v.get('mean_running'))} | {_f(v.get('mean_waiting'))} |")
+                         f"{_f(v.get('sent_tok_s'))} | {_f(v.get('engine_steps_s'))} | {_f(v.get('ms_per_step'), '.2f')} | "
+                         f"{_f(v.get('wait_ms_per_step'), '.2f')} | {_f(v.get('host_ms_per_step'), '.2f')} | "
+                         f"{_f(v.get('loop_ms_per_step'), '.2f')} | {_f(v.get('mean_running'))} | "
+                         f"{_f(v.get('mean_waiting'))} |")
     errors = [r for r in points if r.get("error") or r["status"] != "ok"]
     notes = [n for n in doc.get("notes", []) if n]
     if errors or notes:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from qwentrt.bench.grid import BenchConfig, Point
 from qwentrt.bench.nvml import NvmlSampler
+from qwentrt.bench.server_side import engine_figures
 from qwentrt.bench.stats import RequestRecord, point_result
 from qwentrt.bench.workload import WARMUP_OUTPUT_TOKENS, Prompts
 from qwentrt.config import SamplingParams
@@ -131,9 +132,11 @@ class EngineRunner:
             params = SamplingParams(max_tokens=point.osl, temperature=0.0, ignore_eos=True)
             mark = self.sampler.mark()
             records: list[RequestRecord] = []
+            before, t_before = self.engine.stats(), time.perf_counter()
             try:
                 records, t0, window = self._loop(point.num_requests, cfg.duration_s, point.concurrency,
                                                  prompts.measured, params, cfg.point_timeout_s, records)
+                extra["engine_side"] = engine_figures(before, self.engine.stats(), time.perf_counter() - t_before)
             except KeyboardInterrupt:  # keep what the point measured, then stop the run
                 window = time.perf_counter() - self.t0
                 done = [r for r in records if r.end is not None]

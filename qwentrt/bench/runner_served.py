@@ -123,14 +123,14 @@ def run_point(cfg: BenchConfig, url: str, point: Point, sampler: NvmlSampler, me
                                                            records, state))
         except KeyboardInterrupt:  # keep what the point measured, then stop the run
             if server_side is not None:
-                extra["server"] = server_side.stop()
+                extra["engine_side"] = server_side.stop()
             done = [r for r in records if r.end is not None and r.error is None]
             return point_result("served", point.isl, point.osl, c, done, time.perf_counter() - state["t0"],
                                 sampler.summary(mark), cfg.price_per_gpu_hour,
                                 error=None if done else "interrupted before a request finished", interrupted=True,
                                 **extra)
         if server_side is not None:
-            extra["server"] = server_side.stop()
+            extra["engine_side"] = server_side.stop()
         gpu = sampler.summary(mark, t0 + window)
         return point_result("served", point.isl, point.osl, c, records, window, gpu, cfg.price_per_gpu_hour,
                             **extra)

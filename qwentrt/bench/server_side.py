@@ -1,12 +1,13 @@
-"""What the server itself says during a served point: its Prometheus metrics (the metrics port), scraped at
-the start and end of the point and sampled in between, so that a served figure below the engine-direct one
-says where the time went:
+"""What the engine itself says during a point (results.json `engine_side`, report section "Where the engine's
+time went"): in served runs its Prometheus metrics (the metrics port), scraped at the start and end of the
+point and sampled in between; in engine-direct runs `LLMEngine.stats()` before and after. So a served figure
+below the engine-direct one says where the time went:
 
-- engine tok/s (qwentrt_engine_tokens_total over the window) near engine-direct while the client sees less:
-  the responses lag the engine (the Python backend's sender, the stub, the client);
-- engine tok/s itself low with `running` near the concurrency: the engine steps slower behind the server
-  (its host loop, the GIL, the engine process);
-- `running` well under the concurrency: requests wait before the engine (queueing, slow adds).
+- engine tok/s near engine-direct while the client sees less: the responses lag the engine (the Python
+  backend's sender, the stub, the client);
+- engine tok/s itself low: the engine steps slower behind the server; ms per step splits into waiting for the
+  device, host work inside step(), and time outside step() (the loop around it: delivering outputs, the GIL);
+- `running` well under the concurrency: requests wait before the engine (queueing, slow adds, KV pages full).
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import threading
 import time
 import urllib.request
 
-COUNTERS = ("qwentrt_engine_tokens_total", "qwentrt_engine_steps_total", "qwentrt_generated_tokens_total")
-GAUGES = ("qwentrt_running", "qwentrt_waiting")
+# Prometheus names -> the engine's stats() keys (LLMEngine.stats), so both modes share `engine_figures`
+METRICS = {"qwentrt_engine_tokens_total": "engine_tokens", "qwentrt_engine_steps_total": "engine_steps",
+           "qwentrt_engine_step_seconds_total": "engine_step_seconds",
+           "qwentrt_engine_wait_seconds_total": "engine_wait_seconds",
+           "qwentrt_generated_tokens_total": "sent_tokens", "qwentrt_running": "running", "qwentrt_waiting": "waiting"}
+COUNTERS = tuple(k for k in METRICS if k.endswith("_total"))
+GAUGES = tuple(k for k in METRICS if not k.endswith("_total"))
 
 
 def parse(text: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -75,22 +81,39 @@ class ServerSide:
 
 
 def summarize(samples: list[tuple[float, dict[str, float]]]) -> dict:
-    """Rates of the counters between the first and last sample, and the gauges' means over the samples."""
+    """Scraped samples (Prometheus names) -> `engine_figures` between the first and the last, with the means
+    of the gauges over all of them."""
     if len(samples) < 2:
         return {}
-    (t0, first), (t1, last) = samples[0], samples[-1]
-    dt = t1 - t0
-    out: dict = {"window_s": round(dt, 3), "samples": len(samples)}
-    if dt <= 0:
-        return out
-    for name, key in (("qwentrt_engine_tokens_total", "engine_tok_s"), ("qwentrt_engine_steps_total", "engine_steps_s"),
-                      ("qwentrt_generated_tokens_total", "sent_tok_s")):
-        if name in first and name in last:
-            out[key] = round((last[name] - first[name]) / dt, 1)
-    for name, key in (("qwentrt_running", "mean_running"), ("qwentrt_waiting", "mean_waiting")):
-        vals = [s[name] for _, s in samples if name in s]
+    keyed = [(t, {METRICS[k]: v for k, v in s.items() if k in METRICS}) for t, s in samples]
+    (t0, first), (t1, last) = keyed[0], keyed[-1]
+    out = {"samples": len(samples), **engine_figures(first, last, t1 - t0)}
+    for key in ("running", "waiting"):
+        vals = [s[key] for _, s in keyed if key in s]
         if vals:
-            out[key] = round(sum(vals) / len(vals), 1)
-    if out.get("engine_steps_s"):
-        out["engine_ms_per_step"] = round(1000.0 / out["engine_steps_s"], 2)
+            out[f"mean_{key}"] = round(sum(vals) / len(vals), 1)
+    return out
+
+
+def engine_figures(first: dict, last: dict, window_s: float) -> dict:
+    """From two readings of the engine's counters (stats() keys) `window_s` apart: tokens and steps per second,
+    and where a step's time goes: ms per step (the window over the steps), of which in step() waiting for the
+    device (wait), in step() on the host (host), and outside step() (loop: delivering outputs, the caller)."""
+    out: dict = {"window_s": round(window_s, 3)}
+    if window_s <= 0:
+        return out
+    delta = {k: last[k] - first[k] for k in last if k in first and not k.startswith(("running", "waiting"))}
+    if "engine_tokens" in delta:
+        out["engine_tok_s"] = round(delta["engine_tokens"] / window_s, 1)
+    if "sent_tokens" in delta:
+        out["sent_tok_s"] = round(delta["sent_tokens"] / window_s, 1)
+    steps = delta.get("engine_steps", 0)
+    if steps > 0:
+        out["engine_steps_s"] = round(steps / window_s, 2)
+        out["ms_per_step"] = round(1000 * window_s / steps, 2)
+        if "engine_step_seconds" in delta and "engine_wait_seconds" in delta:
+            in_step, wait = delta["engine_step_seconds"], delta["engine_wait_seconds"]
+            out["wait_ms_per_step"] = round(1000 * wait / steps, 2)
+            out["host_ms_per_step"] = round(1000 * (in_step - wait) / steps, 2)
+            out["loop_ms_per_step"] = round(1000 * (window_s - in_step) / steps, 2)
     return out

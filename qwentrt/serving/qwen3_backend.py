@@ -442,7 +442,9 @@ class _Metrics:
         # they tell an engine-bound server from a response-bound one
         self.counters = {k: metric(f"qwentrt_{k}_total", desc, fam.COUNTER) for k, desc in {
             "engine_steps": "Engine steps whose tokens came in",
-            "engine_tokens": "Tokens the engine generated (sent or not yet)"}.items()}
+            "engine_tokens": "Tokens the engine generated (sent or not yet)",
+            "engine_step_seconds": "Seconds the engine spent in its steps",
+            "engine_wait_seconds": "Seconds of those the engine waited for the device"}.items()}
         self.healthy = metric("qwentrt_engine_healthy", "1 while the engine runs, 0 once it has stopped for good",
                               fam.GAUGE)
         self.healthy.set(1)
