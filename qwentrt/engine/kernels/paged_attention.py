@@ -23,9 +23,9 @@ as bytes and bit-cast to float8e4nv in registers), scores = q @ K^T, and an onli
 a running max m, a running sum l and an unnormalized accumulator acc = sum_t exp(s_t - m) v_t.
 The k_scale of FP8 keys is folded into the softmax scale and the v_scale applied once at the end;
 fp8 -> bf16/fp16 is exact, so the tensor-core dots see the exact cached values.
-FP8 caches with a bf16 q can compute in fp16 (`compute_f16`, QWENTRT_ATTN_F16=1): e4m3 -> fp16 is one conversion instruction per
+FP8 caches with a bf16 q compute in fp16 (`compute_f16`; QWENTRT_ATTN_F16=0 turns it off): e4m3 -> fp16 is one conversion instruction per
 pair (cvt.rn.f16x2.e4m3x2) where e4m3 -> bf16 takes several, and that conversion, not memory, bounded the
-kernel at large batches (docs/KERNEL_NOTES.md); q is clamped to fp16's range (a no-op for real queries),
+kernel at large batches (H100, 512 sequences of 1-2k tokens: 1.82 -> 2.47 TB/s; docs/KERNEL_NOTES.md); q is clamped to fp16's range (a no-op for real queries),
 and p in [0, 1] keeps more mantissa in fp16 than in bf16, so the result is at least as exact.
 When the sequence's context fits in one partition (always, when the block table's width does) the
 program writes out = acc / l directly. Otherwise each partition holding tokens writes its partial
@@ -60,9 +60,9 @@ HAS_TRITON = triton is not None
 _LOG2E = 1.4426950408889634
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: the query heads of a group are padded to this many rows
 TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
-# FP8 caches: dots in fp16 (see the module doc). Off by default until measured on the GPU (KERNEL_NOTES, session 6);
-# QWENTRT_ATTN_F16=1 turns it on.
-ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "0") == "1"
+# FP8 caches: dots in fp16 (see the module doc; H100, 512 sequences: 861 -> 633 us per layer, KERNEL_NOTES session 6).
+# QWENTRT_ATTN_F16=0 keeps the bf16 dots.
+ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "1") != "0"
 
 
 def auto_partition_size(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -254,7 +254,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tile_tokens: context tokens per loop step, a power of two >= 16 (default: 16 KiB of K per step, 128
     tokens of FP8 at head_dim 128; less where partition_size needs it).
     num_stages: software-pipelining depth of the loop (default: 3 on Hopper, 2 elsewhere).
-    compute_f16: dots in fp16 (default: for FP8 caches with a bf16 q when $QWENTRT_ATTN_F16=1).
+    compute_f16: dots in fp16 (default: for FP8 caches with a bf16 q, unless $QWENTRT_ATTN_F16=0).
     out: optional [B, H, D] buffer to write into."""
     if not HAS_TRITON:
         raise RuntimeError("paged_attention_decode needs triton")
