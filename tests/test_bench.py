@@ -182,6 +182,7 @@ def test_quick_engine_run_records(quick_run):
         side = p["engine_side"]  # the engine's own counters: every token came from a step, a step's time split
         assert side["engine_tok_s"] * side["window_s"] == pytest.approx(64, rel=0.01), side
         assert side["wait_ms_per_step"] >= 0 and side["host_ms_per_step"] > 0 and side["loop_ms_per_step"] >= 0
+        assert 0 <= side["host_cpu_ms_per_step"] <= side["host_ms_per_step"] * 1.1 + 0.5  # CPU time <= wall time
         s = p["summary"]
         assert s["ok"] == 8 and s["output_tokens"] == 64 and s["output_tok_s"] > 0
         assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] and s["itl_ms"]["p50"] > 0

@@ -45,6 +45,8 @@ def test_engine_figures_from_stats_of_an_engine_direct_run():
     f = server_side.engine_figures(first, last, 1.0)
     assert f == {"window_s": 1.0, "engine_tok_s": 400.0, "engine_steps_s": 100.0, "ms_per_step": 10.0,
                  "wait_ms_per_step": 5.0, "host_ms_per_step": 4.0, "loop_ms_per_step": 1.0}
+    f = server_side.engine_figures(dict(first, engine_host_cpu_seconds=0.0), dict(last, engine_host_cpu_seconds=0.1), 1.0)
+    assert f["host_cpu_ms_per_step"] == 1.0  # 4 ms of host wall time a step, 1 ms of it on the CPU: held up
 
 
 def test_a_server_that_does_not_answer_gives_an_empty_summary():

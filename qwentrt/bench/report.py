@@ -165,17 +165,18 @@ def markdown(doc: dict) -> str:
                   "The engine's own counters over each point (qwentrt/bench/server_side.py; served: the server's "
                   "metrics port): tokens it generated and steps it ran per second, tokens sent in responses (served), "
                   "and a step's time split into waiting for the device, host work in step(), and time outside step() "
-                  "(the loop around it). Engine tok/s near engine-direct while a served client sees less: the "
+                  "(the loop around it); host CPU ms below host ms: the stepping thread was held up (GIL, CPU quota). Engine tok/s near engine-direct while a served client sees less: the "
                   "responses lag; engine tok/s low: the engine steps slower.",
                   "", "| mode | ISL | OSL | C | client tok/s | engine tok/s | sent tok/s | steps/s | ms/step | "
-                  "wait ms | host ms | loop ms | running | waiting |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "wait ms | host ms | host CPU ms | loop ms | running | waiting |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sides:
             v = r["engine_side"]
             lines.append(f"| {r['mode']} | {r['isl']} | {r['osl']} | {r['concurrency']} | "
                          f"{_f((r.get('summary') or {}).get('output_tok_s'))} | {_f(v.get('engine_tok_s'))} | "
                          f"{_f(v.get('sent_tok_s'))} | {_f(v.get('engine_steps_s'))} | {_f(v.get('ms_per_step'), '.2f')} | "
                          f"{_f(v.get('wait_ms_per_step'), '.2f')} | {_f(v.get('host_ms_per_step'), '.2f')} | "
+                         f"{_f(v.get('host_cpu_ms_per_step'), '.2f')} | "
                          f"{_f(v.get('loop_ms_per_step'), '.2f')} | {_f(v.get('mean_running'))} | "
                          f"{_f(v.get('mean_waiting'))} |")
     errors = [r for r in points if r.get("error") or r["status"] != "ok"]

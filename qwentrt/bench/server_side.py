@@ -7,6 +7,8 @@ below the engine-direct one says where the time went:
   backend's sender, the stub, the client);
 - engine tok/s itself low: the engine steps slower behind the server; ms per step splits into waiting for the
   device, host work inside step(), and time outside step() (the loop around it: delivering outputs, the GIL);
+  host CPU ms (the stepping thread's CPU time in step() outside the device wait) well below host ms means the
+  thread was held up by something else (another thread's GIL, a CPU quota), not by its own work;
 - `running` well under the concurrency: requests wait before the engine (queueing, slow adds, KV pages full).
 """
 
@@ -20,6 +22,7 @@ import urllib.request
 METRICS = {"qwentrt_engine_tokens_total": "engine_tokens", "qwentrt_engine_steps_total": "engine_steps",
            "qwentrt_engine_step_seconds_total": "engine_step_seconds",
            "qwentrt_engine_wait_seconds_total": "engine_wait_seconds",
+           "qwentrt_engine_host_cpu_seconds_total": "engine_host_cpu_seconds",
            "qwentrt_generated_tokens_total": "sent_tokens", "qwentrt_running": "running", "qwentrt_waiting": "waiting"}
 COUNTERS = tuple(k for k in METRICS if k.endswith("_total"))
 GAUGES = tuple(k for k in METRICS if not k.endswith("_total"))
@@ -116,4 +119,6 @@ def engine_figures(first: dict, last: dict, window_s: float) -> dict:
             out["wait_ms_per_step"] = round(1000 * wait / steps, 2)
             out["host_ms_per_step"] = round(1000 * (in_step - wait) / steps, 2)
             out["loop_ms_per_step"] = round(1000 * (window_s - in_step) / steps, 2)
+        if "engine_host_cpu_seconds" in delta:  # the host part's CPU time: below host ms, the thread was held up
+            out["host_cpu_ms_per_step"] = round(1000 * delta["engine_host_cpu_seconds"] / steps, 2)
     return out

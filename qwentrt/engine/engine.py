@@ -97,6 +97,9 @@ class LLMEngine:
         self.num_generated_tokens = 0  # tokens those steps produced (the engine's own throughput counter)
         self.step_seconds = 0.0  # wall time spent in step()
         self.wait_seconds = 0.0  # of which waiting for the device (a step's tokens): the rest is host work
+        # CPU time of the stepping thread in step() outside that wait: below the host wall time, the thread was
+        # held up by something other than its own work (another thread holding the GIL, a CPU quota)
+        self.host_cpu_seconds = 0.0
         self.consecutive_step_faults = 0  # failed steps since the last good one
         self.last_step_fault: str | None = None
 
@@ -238,11 +241,13 @@ class LLMEngine:
         """One engine step. Synchronous: schedule, run, sample, wait, and return the step's outputs. With
         async scheduling (inflight.py): schedule and launch this step, then wait for the step the previous
         call launched and return its outputs, so that its bookkeeping runs while the GPU runs this one."""
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.thread_time()
+        self._wait_cpu = 0.0
         try:
             return self._step()
         finally:
             self.step_seconds += time.perf_counter() - t_step
+            self.host_cpu_seconds += time.thread_time() - cpu_step - self._wait_cpu
 
     def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -295,15 +300,17 @@ class LLMEngine:
         step, self._inflight = self._inflight, None
         if step is None:
             return []
-        t_wait = time.perf_counter()
+        t_wait, cpu_wait = time.perf_counter(), time.thread_time()
         try:
             tokens, logprobs = step.result()
         except Exception as e:  # the device failed the step
             self.wait_seconds += time.perf_counter() - t_wait
+            self._wait_cpu += time.thread_time() - cpu_wait
             outputs = self._fail_step(step.seqs, e)
             self.block_manager.reset_prefix_cache()  # its pages were hashed at launch: their KV is unknown
             return outputs
         self.wait_seconds += time.perf_counter() - t_wait
+        self._wait_cpu += time.thread_time() - cpu_wait  # (a device wait may spin on the CPU)
         self.consecutive_step_faults = 0  # (a step is good once its tokens are in: a launch may fail later)
         return self._process(step, tokens, logprobs)
 
@@ -406,4 +413,5 @@ class LLMEngine:
                 "prefix_cache_query_tokens": bm.prefix_cache_query_tokens,
                 "preemptions": self.scheduler.num_preemptions, "step_faults": self.num_step_faults,
                 "engine_steps": self.num_steps, "engine_tokens": self.num_generated_tokens,
-                "engine_step_seconds": self.step_seconds, "engine_wait_seconds": self.wait_seconds}
+                "engine_step_seconds": self.step_seconds, "engine_wait_seconds": self.wait_seconds,
+                "engine_host_cpu_seconds": self.host_cpu_seconds}

@@ -444,7 +444,8 @@ class _Metrics:
             "engine_steps": "Engine steps whose tokens came in",
             "engine_tokens": "Tokens the engine generated (sent or not yet)",
             "engine_step_seconds": "Seconds the engine spent in its steps",
-            "engine_wait_seconds": "Seconds of those the engine waited for the device"}.items()}
+            "engine_wait_seconds": "Seconds of those the engine waited for the device",
+            "engine_host_cpu_seconds": "CPU seconds the engine's thread used in its steps outside that wait"}.items()}
         self.healthy = metric("qwentrt_engine_healthy", "1 while the engine runs, 0 once it has stopped for good",
                               fam.GAUGE)
         self.healthy.set(1)
