@@ -5,7 +5,8 @@ parsed and submitted as they arrive, and a sender thread that turns engine outpu
 The sender coalesces: when a stream produces tokens faster than responses can be sent (a decoupled
 Python-backend response costs ~0.1-0.3 ms), one response carries every token produced since the
 previous one. Cancelled requests are aborted (their KV pages freed) within ~0.1 s (is_cancelled() is asked
-every 50 ms). With `engine_process` (qwentrt/serving/engine_process.py) the engine loop runs in its own
+every 50 ms, of up to `cancel_polls_per_s` x 50 ms streams a round: past 100 streams they take turns, so at 512
+streams within ~0.3 s). With `engine_process` (qwentrt/serving/engine_process.py) the engine loop runs in its own
 process, so that the sender's Python never holds the GIL the loop needs.
 
 Faults: a failed engine step ends the requests in it with INTERNAL (counted in qwentrt_step_faults_total);
