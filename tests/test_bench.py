@@ -252,8 +252,9 @@ def test_served_run_against_tritonserver(tiny_engine, tmp_path):
     assert (out / "served" / "tritonserver.log").is_file()
     side = p["engine_side"]  # the server's own counters over the point: the engine made the tokens the client saw
     assert side["samples"] >= 2 and side["engine_steps_s"] > 0 and side["host_ms_per_step"] > 0, side
-    # (the model exports its counters every 0.2 s: the last ones of a short point may come after the window)
-    assert 0 < side["engine_tok_s"] * side["window_s"] <= 6 * 6 + 6, side
+    # (the model exports its counters every 0.2 s: in a point this short, some of the warmup's tokens may be
+    # counted in the window and some of the point's after it: a loose bound)
+    assert 0 < side["engine_tok_s"] * side["window_s"] <= 2 * 6 * 6, side
     assert "Where the engine's time went" in (out / "report.md").read_text()
     config = (out / "served" / "model_repository" / "qwen3" / "config.pbtxt").read_text()
     assert 'key: "cancel_polls_per_s"\n  value: { string_value: "500" }' in config
