@@ -165,8 +165,9 @@ def markdown(doc: dict) -> str:
                   "The engine's own counters over each point (qwentrt/bench/server_side.py; served: the server's "
                   "metrics port): tokens it generated and steps it ran per second, tokens sent in responses (served), "
                   "and a step's time split into waiting for the device, host work in step(), and time outside step() "
-                  "(the loop around it); host CPU ms below host ms: the stepping thread was held up (GIL, CPU quota). Engine tok/s near engine-direct while a served client sees less: the "
-                  "responses lag; engine tok/s low: the engine steps slower.",
+                  "(the loop around it); host CPU ms below host ms: the stepping thread was held up (GIL, CPU "
+                  "quota). Engine tok/s near engine-direct while a served client sees less: the responses lag; "
+                  "engine tok/s low: the engine steps slower.",
                   "", "| mode | ISL | OSL | C | client tok/s | engine tok/s | sent tok/s | steps/s | ms/step | "
                   "wait ms | host ms | host CPU ms | loop ms | running | waiting |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

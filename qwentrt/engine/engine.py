@@ -100,6 +100,7 @@ class LLMEngine:
         # CPU time of the stepping thread in step() outside that wait: below the host wall time, the thread was
         # held up by something other than its own work (another thread holding the GIL, a CPU quota)
         self.host_cpu_seconds = 0.0
+        self._wait_cpu = 0.0  # CPU time of this step()'s device waits (reset per step)
         self.consecutive_step_faults = 0  # failed steps since the last good one
         self.last_step_fault: str | None = None
 

@@ -106,7 +106,7 @@ class Qwen3Backend:
         self._tokens_out = 0  # generated tokens sent since the counter was last updated (once per pass)
         self.watch = ServerWatch.of_parent()
         self._step_faults_seen = 0
-        self._counts_seen: dict[str, int] = {}  # the engine counters last exported (engine_steps, engine_tokens)
+        self._counts_seen: dict[str, float] = {}  # the engine counters last exported (_Metrics.counters)
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()

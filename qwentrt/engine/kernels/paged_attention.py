@@ -23,10 +23,11 @@ as bytes and bit-cast to float8e4nv in registers), scores = q @ K^T, and an onli
 a running max m, a running sum l and an unnormalized accumulator acc = sum_t exp(s_t - m) v_t.
 The k_scale of FP8 keys is folded into the softmax scale and the v_scale applied once at the end;
 fp8 -> bf16/fp16 is exact, so the tensor-core dots see the exact cached values.
-FP8 caches with a bf16 q compute in fp16 (`compute_f16`; QWENTRT_ATTN_F16=0 turns it off): e4m3 -> fp16 is one conversion instruction per
-pair (cvt.rn.f16x2.e4m3x2) where e4m3 -> bf16 takes several, and that conversion, not memory, bounded the
-kernel at large batches (H100, 512 sequences of 1-2k tokens: 1.82 -> 2.47 TB/s; docs/KERNEL_NOTES.md); q is clamped to fp16's range (a no-op for real queries),
-and p in [0, 1] keeps more mantissa in fp16 than in bf16, so the result is at least as exact.
+FP8 caches with a bf16 q compute in fp16 (`compute_f16`; QWENTRT_ATTN_F16=0 turns it off): e4m3 -> fp16
+is one conversion instruction per pair (cvt.rn.f16x2.e4m3x2) where e4m3 -> bf16 takes several, and that
+conversion, not memory, bounded the kernel at large batches (H100, 512 sequences of 1-2k tokens: 1.82 ->
+2.47 TB/s; docs/KERNEL_NOTES.md). q is clamped to fp16's range (a no-op for real queries), and p in [0, 1]
+keeps more mantissa in fp16 than in bf16, so the result is at least as exact.
 When the sequence's context fits in one partition (always, when the block table's width does) the
 program writes out = acc / l directly. Otherwise each partition holding tokens writes its partial
 (m, l, acc), then counts itself in with an atomic add (acq_rel, after a barrier: its partials are visible
