@@ -74,3 +74,31 @@ def test_sampled_logprobs_are_those_of_the_truncated_distribution():
     probs = top.values.softmax(-1)
     expected = float(probs[top.indices.tolist().index(tokens[0])].log())
     assert lps[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_min_tokens_holds_exactly_each_rows_stop_tokens():
+    """Rows short of min_tokens (counting tokens in flight) lose their end token and their own stop tokens,
+    whatever the mix in the batch; every other logit, and every other row, is left as it was."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, V)
+    short = seq(0, min_tokens=5, max_tokens=9)
+    short_own = seq(1, min_tokens=5, max_tokens=9, stop_token_ids=[7, 11])
+    short_other = seq(2, min_tokens=5, max_tokens=9, stop_token_ids=[13])
+    done = seq(3, min_tokens=2, max_tokens=9, stop_token_ids=[7])
+    done.output_ids = [4, 5]
+    in_flight = seq(4, min_tokens=2, max_tokens=9)  # one token known, one in flight: reaches min_tokens
+    in_flight.output_ids, in_flight.num_pending = [4], 1
+    free = seq(5, max_tokens=9, stop_token_ids=[7])
+    short_own_again = seq(6, min_tokens=3, max_tokens=9, stop_token_ids=[7, 11])
+    seqs = [short, short_own, short_other, done, in_flight, free, short_own_again]
+    sampler = Sampler([0, 1], torch.device("cpu"))
+    out = logits.clone()
+    sampler._hold_stop_tokens(out, seqs)
+    held = {0: [0, 1], 1: [0, 1, 7, 11], 2: [0, 1, 13], 6: [0, 1, 7, 11]}
+    expect = logits.clone()
+    for row, ids in held.items():
+        expect[row, ids] = float("-inf")
+    assert torch.equal(out, expect)
+    tokens, _ = sampler(logits.clone(), seqs)  # greedy: a held row never picks a stop token
+    for row, ids in held.items():
+        assert tokens[row] not in ids

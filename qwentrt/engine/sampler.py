@@ -1,6 +1,11 @@
-"""From logits to next tokens for a whole batch at once: repetition / presence / frequency penalties, bad
-words, min_tokens and the grammar mask (only for the rows that ask for them), then greedy (temperature
-0) or temperature + top-k + top-p sampling, vectorized across rows.
+"""From logits to next tokens for a whole batch at once: min_tokens (one indexed write per distinct set of
+stop tokens in the batch), repetition / presence / frequency penalties, bad words and the grammar mask
+(row by row, only for the rows that ask for them), then greedy (temperature 0) or temperature + top-k +
+top-p sampling, vectorized across rows.
+
+min_tokens is vectorized because clients set it on every request to fix the output length (Triton's
+interface has no ignore_eos; perf_analyzer runs do): row by row it cost a host-to-device copy and a
+launch per request per step, 512 of each per step at 512 requests.
 
 Sampling draws with the exponential race (argmax of p / E, E ~ Exp(1): a draw from p) rather than
 torch.multinomial, so the whole step stays on the device: `sample` queues it and returns device tensors
@@ -27,6 +32,7 @@ class Sampler:
         self.guided = guided
         self.generator = torch.Generator(device=device)
         self.generator.seed()
+        self._stop_ids: dict[tuple[int, ...], torch.Tensor] = {}  # a request's stop tokens, on the device
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """logits [n, V] float32 (modified in place) -> (token per sequence, its log probability), on the host."""
@@ -46,10 +52,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits [n, V] float32 (modified in place) -> (tokens [n] int64, logprobs [n] float32 or None when
         no request asked for them), on the device, without waiting for it."""
+        self._hold_stop_tokens(logits, seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.min_tokens or seq.bad_word_ids or p.repetition_penalty != 1.0 or p.presence_penalty \
-                    or p.frequency_penalty:
+            if seq.bad_word_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 self._process_row(logits[i], seq)
         if self.guided is not None and any(s.matcher is not None for s in seqs):
             self.guided.apply(logits, [s.matcher for s in seqs])
@@ -97,6 +103,22 @@ class Sampler:
         log_probs = torch.where(greedy[:, None], torch.log_softmax(logits, -1), probs.log())
         return tokens, self._logprobs(log_probs, tokens)
 
+    def _hold_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: a request short of it (counting its tokens in flight) cannot stop, so its end and
+        stop tokens get -inf; one write for all the rows that share the same stop tokens."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.min_tokens and seq.num_output_tokens + seq.num_pending < p.min_tokens:
+                groups.setdefault(tuple(p.stop_token_ids), []).append(i)
+        for extra, rows in groups.items():
+            ids = self._stop_ids.get(extra)
+            if ids is None:
+                if len(self._stop_ids) >= 256:  # requests with their own stop tokens: keep the cache small
+                    self._stop_ids.clear()
+                ids = self._stop_ids[extra] = to_device(self.eos_ids + list(extra), torch.long, logits.device)
+            logits[to_device(rows, torch.long, logits.device)[:, None], ids[None, :]] = float("-inf")
+
     def _process_row(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
         if seq.output_ids and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
@@ -107,9 +129,6 @@ class Sampler:
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].float()
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        if seq.num_output_tokens + seq.num_pending < p.min_tokens:
-            row.index_fill_(0, to_device(self.eos_ids + list(p.stop_token_ids), torch.long, row.device),
-                            float("-inf"))
         for word in seq.bad_word_ids:
             if len(word) == 1 or seq.output_ids[-(len(word) - 1):] == word[:-1]:
                 row[word[-1]] = float("-inf")
