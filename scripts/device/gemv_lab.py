@@ -6,7 +6,7 @@ weights are dequantized by the GEMM's inline-PTX bf16 path (~2 instructions per 
 number elsewhere (the interpreter); partial sums go to a zeroed float32 buffer by atomic adds (a lab shortcut: the
 production kernels' last-split write is left out, the buffer's memset is in the timed graph).
 
-    python3 scripts/device/gemv_lab.py            # H100: the 4b model's four linears at 1, 2 and 4 tokens
+    python3 scripts/device/gemv_lab.py            # H100: the 4b model's four linears at 1, 2 and 4 tokens (GEMV_M=1: at 1)
     TRITON_INTERPRET=1 python3 scripts/device/gemv_lab.py check   # CPU: the variant against the reference
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -112,7 +113,7 @@ def main() -> None:
     group, copies = 128, 8  # 8 weight copies per shape: > 50 MB of L2 for the small ones too
     cfgs = [{"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
             for bn, sk, w, st in itertools.product((64, 128, 256), (2, 4, 8), (4,), (3, 4))]
-    for m in (1, 2, 4):
+    for m in [int(v) for v in os.environ.get("GEMV_M", "1,2,4").split(",")]:
         totals = {"production": 0.0, "swap_ab": 0.0}
         for name, (n, k) in shapes.items():
             ws = [random_awq(n, k, group, dev, torch.bfloat16) for _ in range(copies)]
