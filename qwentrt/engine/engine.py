@@ -18,6 +18,7 @@ import torch
 from qwentrt.config import EngineConfig, SamplingParams
 from qwentrt.engine.block_manager import BlockManager
 from qwentrt.engine.detokenizer import IncrementalDetokenizer
+from qwentrt.engine.prompt_encoder import PromptEncoder
 from qwentrt.engine.inflight import InFlightStep
 from qwentrt.engine.model_runner import ModelRunner
 from qwentrt.engine.sampler import Sampler
@@ -80,6 +81,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         from tokenizers import Tokenizer
         self.tokenizer = Tokenizer.from_file(str(self.engine_dir / "tokenizer.json"))
+        self.encode_prompt = PromptEncoder(self.tokenizer)
         self._hf_tokenizer = None
         self._guided = None
         self._init_lock = threading.RLock()  # lazy tokenizer / grammar set-up may run on request threads
@@ -177,9 +179,9 @@ class LLMEngine:
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise RequestError("text_input: the prompt is empty")
-            # encode_batch releases the GIL while it works (encode holds it: ~3-8 ms per 1,000-2,000-token prompt
-            # in which a server's engine loop, in another thread of this process, could not run)
-            prompt_ids = self.tokenizer.encode_batch([prompt], add_special_tokens=False)[0].ids
+            # (long prompts in pieces on several cores; without the GIL, which the engine loop of a server may
+            # need meanwhile in another thread of this process)
+            prompt_ids = self.encode_prompt(prompt)
         if not prompt_ids:
             raise RequestError("text_input: the prompt is empty")
         vocab = self.config.model.vocab_size
