@@ -72,6 +72,12 @@ for _ in range(5):
     eng.tokenizer.encode(text, add_special_tokens=False)
     tok.append((time.perf_counter() - t) * 1e3)
 print(f"tokenize {N}-token text: median {statistics.median(tok):.1f} ms {[round(x, 1) for x in tok]}")
+tok = []
+for _ in range(5):
+    t = time.perf_counter()
+    eng.encode_prompt(text)
+    tok.append((time.perf_counter() - t) * 1e3)
+print(f"tokenize it in pieces (PromptEncoder): median {statistics.median(tok):.1f} ms {[round(x, 1) for x in tok]}")
 
 runs = [first_step() for _ in range(5)]
 print(f"prefill step() of {N} tokens: host {statistics.median(r[0] for r in runs) * 1e3:.1f} ms, host+sync "
