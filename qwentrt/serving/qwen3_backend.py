@@ -405,13 +405,19 @@ class Qwen3Backend:
         self._closing = True
         self._stop = True
         self._wake.set()
+        t0 = time.monotonic()
         self._sender.join(timeout=5)
         try:
             self._send_pass()
         except Exception as e:
             print(f"qwentrt: last sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
         self._end_remaining("the server is shutting down")
+        t1 = time.monotonic()
         self.service.shutdown()
+        t2 = time.monotonic()
+        if t2 - t0 > 2:  # (tritonserver's exit timeout counts this; say where it went)
+            print(f"qwentrt: the model took {t2 - t0:.1f} s to stop: {t1 - t0:.1f} s for the sender's last "
+                  f"responses, {t2 - t1:.1f} s for the engine", file=sys.stderr, flush=True)
 
 
 class _Metrics:
