@@ -491,11 +491,11 @@ def soak(target: str, minutes: float, concurrency: int, prompt_tokens: str, outp
             url = target
             if (Path(target) / "engine.json").is_file():
                 from qwentrt.serving.repository import write_repository
-                from qwentrt.serving.server import ServerOptions, TritonServer, free_port
+                from qwentrt.serving.server import ServerOptions, TritonServer, free_ports
 
                 root = json_out.parent / (json_out.stem + "-server")
                 repo = write_repository(target, root / "repo", device=device)
-                server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port()),
+                server = TritonServer(ServerOptions(repo, *free_ports(3)),
                                       log_file=root / "tritonserver.log")
                 log(f"serving {target} (log {root / 'tritonserver.log'})")
                 server.start()

@@ -24,14 +24,14 @@ def start_server(engine_dir, root: Path, key: str | None = None, params: dict[st
                  env: dict[str, str] | None = None, exit_timeout_s: int = 30, models=("qwen3", "json_validator")):
     """A tritonserver serving `engine_dir` on free 127.0.0.1 ports; skips the test if there is none."""
     from qwentrt.serving.repository import write_repository
-    from qwentrt.serving.server import ServerError, ServerOptions, TritonServer, find_tritonserver, free_port
+    from qwentrt.serving.server import ServerError, ServerOptions, TritonServer, find_tritonserver, free_ports
 
     try:
         find_tritonserver()
     except ServerError as e:
         pytest.skip(str(e))
     repo = write_repository(engine_dir, root / "repo", device="cpu", params=params)
-    srv = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port(), restricted_key=key,
+    srv = TritonServer(ServerOptions(repo, *free_ports(3), restricted_key=key,
                                      exit_timeout_s=exit_timeout_s, env=env or {}),
                        log_file=root / "triton.log")
     srv.start()

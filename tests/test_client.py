@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from qwentrt.client import (AsyncClient, Client, GenerateParams, ProbeRecord, ServerError, Timings,
                             format_table, percentiles, run_probe, summarize)
 from qwentrt.client.grpc_client import parse_response, to_server_error
+from qwentrt.serving.server import free_ports
 
 # ---------------------------------------------------------------------------------- pure parts
 
@@ -242,7 +243,7 @@ def server():
     libdir = sysconfig.get_config_var("LIBDIR")
     if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir:
         os.environ["LD_LIBRARY_PATH"] = libdir + (f":{old}" if old else "")
-    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = free_ports(3)
     triton = None
     try:
         triton = pytriton.Triton(config=pytriton.TritonConfig(

@@ -12,7 +12,7 @@ import pytest
 tritonclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from qwentrt.serving.server import free_port  # noqa: E402
+from qwentrt.serving.server import free_ports  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -195,9 +195,9 @@ def test_qwentrt_serve_starts_answers_and_stops_on_ctrl_c(tiny_engine, tmp_path)
     import subprocess
     import sys
 
-    grpc_port = free_port()
+    grpc_port, http_port, metrics_port = free_ports(3)
     cmd = [sys.executable, "-m", "qwentrt.cli", "serve", str(tiny_engine), "--repo", str(tmp_path / "repo"),
-           "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+           "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
            "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -31,13 +31,13 @@ class Served:
 
     def __enter__(self) -> "Served":
         from qwentrt.serving.repository import write_repository
-        from qwentrt.serving.server import ServerOptions, TritonServer, free_port
+        from qwentrt.serving.server import ServerOptions, TritonServer, free_ports
 
         self.folder.mkdir(parents=True, exist_ok=True)
         repo = write_repository(self.cfg.engine_dir, self.folder / "model_repository", device=self.device,
                                 params=self.cfg.served_params or None)
         self.api_key = secrets.token_urlsafe(16)  # perf_analyzer reads the model config (a restricted group)
-        self.server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port(),
+        self.server = TritonServer(ServerOptions(repo, *free_ports(3),
                                                  restricted_key=self.api_key),
                                    log_file=self.folder / "tritonserver.log")
         self.server.start()

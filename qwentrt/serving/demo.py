@@ -27,11 +27,11 @@ def main(engine_dir: str, prompt: str = "Write a haiku about a GPU.") -> int:
     import tritonclient.grpc as grpcclient
 
     from qwentrt.serving.repository import write_repository
-    from qwentrt.serving.server import ServerOptions, TritonServer, free_port
+    from qwentrt.serving.server import ServerOptions, TritonServer, free_ports
 
     work = Path(tempfile.mkdtemp(prefix="qwentrt-demo-"))
     repo = write_repository(engine_dir, work / "model_repository")
-    server = TritonServer(ServerOptions(repo, free_port(), free_port(), free_port()), log_file=work / "triton.log")
+    server = TritonServer(ServerOptions(repo, *free_ports(3)), log_file=work / "triton.log")
     print(f"starting tritonserver on {server.grpc_url} (log: {work / 'triton.log'})", file=sys.stderr)
     with server:
         server.wait_ready(("qwen3",), 600)

@@ -76,9 +76,20 @@ def _ld_path(libs: Path) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports: all bound at once (ports asked for one after another can come back the same,
+    and tritonserver refuses to start when its gRPC and HTTP ports are equal)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # Triton's protocol groups that can change the server or read its files and memory: never open to
