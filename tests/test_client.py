@@ -6,7 +6,6 @@ error mapping, response parsing) are tested without a server."""
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sysconfig
 import time
@@ -19,7 +18,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from qwentrt.client import (AsyncClient, Client, GenerateParams, ProbeRecord, ServerError, Timings,
                             format_table, percentiles, run_probe, summarize)
 from qwentrt.client.grpc_client import parse_response, to_server_error
-from qwentrt.serving.server import free_ports
+from qwentrt.serving.server import free_port, free_ports
 
 # ---------------------------------------------------------------------------------- pure parts
 
@@ -141,7 +140,7 @@ def test_parse_response_final_flag_on_data_and_empty_final():
 
 
 def test_unreachable_server_is_unavailable():
-    url = f"localhost:{_free_port()}"
+    url = f"localhost:{free_port()}"
     with Client(url) as c:
         assert not c.is_ready()
         with pytest.raises(ServerError) as e:
@@ -157,12 +156,6 @@ def test_unreachable_server_is_unavailable():
 
 
 # ---------------------------------------------------------------------------- the fake server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _first(req, name, default=None):

@@ -410,10 +410,10 @@ class _Server:
                 service.shutdown()
                 t1 = time.monotonic()
                 self.close()
-                if time.monotonic() - t0 > 2:
-                    print(f"qwentrt: the engine process took {time.monotonic() - t0:.1f} s to stop: {t1 - t0:.1f} s "
-                          f"for the engine loop, {time.monotonic() - t1:.1f} s to send what was queued",
-                          file=sys.stderr, flush=True)
+                t2 = time.monotonic()
+                if t2 - t0 > 2:
+                    print(f"qwentrt: the engine process took {t2 - t0:.1f} s to stop: {t1 - t0:.1f} s for the engine "
+                          f"loop, {t2 - t1:.1f} s to send what was queued", file=sys.stderr, flush=True)
                 return
 
     def send_stats(self) -> None:
