@@ -155,7 +155,7 @@ class SimulatedGPU:
 
 def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: int, eager: bool,
             sampling: bool, async_scheduling: bool | None, gpu_ms: float = 0.0, prefill: int = 0,
-            real_model: bool = False) -> dict[str, float]:
+            real_model: bool = False, served: bool = False) -> dict[str, float]:
     block = 32
     pages = batch * (-(-(prompt_len + steps + 64) // block) + 1) + 2 * (-(-prefill // block) + 1)
     kw = {} if async_scheduling is None else {"async_scheduling": async_scheduling}
@@ -182,8 +182,8 @@ def measure(engine_dir: Path, batch: int, steps: int, prompt_len: int, vocab: in
         timer.wrap(engine.sampler, "fn", "sampler")
     timer.wrap(engine, "step", "total")
     gpu = SimulatedGPU(engine, gpu_ms, timer) if gpu_ms else None
-    params = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0.8 if sampling else 0.0,
-                            top_p=0.95 if sampling else 1.0)
+    params = SamplingParams(max_tokens=3000, ignore_eos=not served, min_tokens=3000 if served else 0,
+                            temperature=0.8 if sampling else 0.0, top_p=0.95 if sampling else 1.0)
     g = torch.Generator().manual_seed(1)
     for i in range(batch):
         engine.add_request(f"r{i}", params=params, prompt_ids=torch.randint(0, vocab, (prompt_len,), generator=g).tolist())
@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048, help="columns of the stub logits")
     ap.add_argument("--eager", action="store_true", help="the eager input path instead of the CUDA-graph one")
     ap.add_argument("--sampling", action="store_true", help="temperature 0.8, top_p 0.95 instead of greedy")
+    ap.add_argument("--served", action="store_true",
+                    help="requests as the served bench sends them: min_tokens = max_tokens instead of ignore_eos")
     ap.add_argument("--sync", action="store_true", help="turn async scheduling off (where the engine has it)")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="per column over the timed steps; min is steadier on a busy machine")
@@ -250,7 +252,7 @@ def main() -> None:
     print(f"{'batch':>6} " + " ".join(f"{c:>12}" for c in cols))
     for b in args.batch:
         runs = [measure(engine_dir, b, args.steps, args.prompt_len, args.vocab, args.eager, args.sampling,
-                        False if args.sync else None, args.gpu_ms, args.prefill, args.real_model)
+                        False if args.sync else None, args.gpu_ms, args.prefill, args.real_model, args.served)
                 for _ in range(args.repeat)]
         med = min(runs, key=lambda m: m["host"])  # (a shared machine: the least disturbed run)
         print(f"{b:>6} " + " ".join(f"{med[c]:>12.2f}" for c in cols), flush=True)
