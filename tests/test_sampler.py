@@ -76,11 +76,13 @@ def test_sampled_logprobs_are_those_of_the_truncated_distribution():
     assert lps[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
-def test_min_tokens_holds_exactly_each_rows_stop_tokens():
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_min_tokens_holds_exactly_each_rows_stop_tokens(layout):
     """Rows short of min_tokens (counting tokens in flight) lose their end token and their own stop tokens,
-    whatever the mix in the batch; every other logit, and every other row, is left as it was."""
+    whatever the mix in the batch; every other logit, and every other row, is left as it was (also when the
+    logits are a strided view, e.g. rows of a wider buffer)."""
     torch.manual_seed(0)
-    logits = torch.randn(7, V)
+    logits = torch.randn(7, V) if layout == "contiguous" else torch.randn(7, V + 5)[:, :V]
     short = seq(0, min_tokens=5, max_tokens=9)
     short_own = seq(1, min_tokens=5, max_tokens=9, stop_token_ids=[7, 11])
     short_other = seq(2, min_tokens=5, max_tokens=9, stop_token_ids=[13])
@@ -92,7 +94,8 @@ def test_min_tokens_holds_exactly_each_rows_stop_tokens():
     short_own_again = seq(6, min_tokens=3, max_tokens=9, stop_token_ids=[7, 11])
     seqs = [short, short_own, short_other, done, in_flight, free, short_own_again]
     sampler = Sampler([0, 1], torch.device("cpu"))
-    out = logits.clone()
+    out = logits.clone() if layout == "contiguous" else torch.randn(7, V + 5)[:, :V].copy_(logits)
+    assert out.is_contiguous() == (layout == "contiguous")
     sampler._hold_stop_tokens(out, seqs)
     held = {0: [0, 1], 1: [0, 1, 7, 11], 2: [0, 1, 13], 6: [0, 1, 7, 11]}
     expect = logits.clone()

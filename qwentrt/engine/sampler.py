@@ -117,7 +117,13 @@ class Sampler:
                 if len(self._stop_ids) >= 256:  # requests with their own stop tokens: keep the cache small
                     self._stop_ids.clear()
                 ids = self._stop_ids[extra] = to_device(self.eos_ids + list(extra), torch.long, logits.device)
-            logits[to_device(rows, torch.long, logits.device)[:, None], ids[None, :]] = float("-inf")
+            # index_fill_ takes the value as a scalar: `logits[r, c] = float("-inf")` may make a 0-dim tensor of
+            # it on the host and copy it up, which synchronizes the stream (the GPU runs ahead of this step)
+            rows_t = to_device(rows, torch.long, logits.device)
+            if logits.is_contiguous():
+                logits.view(-1).index_fill_(0, (rows_t[:, None] * logits.shape[1] + ids[None, :]).view(-1), float("-inf"))
+            else:
+                logits.index_put_((rows_t[:, None], ids[None, :]), logits.new_full((), float("-inf")))
 
     def _process_row(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params

@@ -20,6 +20,8 @@ import torch
 sys.path.insert(0, ".")
 from qwentrt.config import SamplingParams  # noqa: E402
 from qwentrt.engine.engine import LLMEngine  # noqa: E402
+from qwentrt.engine.sampler import Sampler  # noqa: E402
+from qwentrt.engine.transfer import to_device  # noqa: E402
 
 ENGINE = sys.argv[1]
 BATCH = int(sys.argv[2]) if len(sys.argv) > 2 else 256
@@ -73,6 +75,22 @@ def run(name: str, params: SamplingParams, tag: str) -> None:
         eng.step()
 
 
+def hold_by_setitem(self, logits, seqs):
+    """min_tokens as session 7 wrote it: `logits[rows, ids] = float("-inf")` (for comparison)."""
+    groups = {}
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.min_tokens and seq.num_output_tokens + seq.num_pending < p.min_tokens:
+            groups.setdefault(tuple(p.stop_token_ids), []).append(i)
+    for extra, rows in groups.items():
+        ids = to_device(self.eos_ids + list(extra), torch.long, logits.device)
+        logits[to_device(rows, torch.long, logits.device)[:, None], ids[None, :]] = float("-inf")
+
+
 for k, (name, params) in enumerate(VARIANTS.items()):
     run(name, params, f"v{k}-")
+now = Sampler._hold_stop_tokens
+Sampler._hold_stop_tokens = hold_by_setitem
+run("served, min_tokens by setitem", VARIANTS["min_tokens = max_tokens (served)"], "old-")
+Sampler._hold_stop_tokens = now
 run("ignore_eos again", VARIANTS["ignore_eos (engine-direct)"], "again-")
