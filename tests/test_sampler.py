@@ -105,3 +105,30 @@ def test_min_tokens_holds_exactly_each_rows_stop_tokens(layout):
     tokens, _ = sampler(logits.clone(), seqs)  # greedy: a held row never picks a stop token
     for row, ids in held.items():
         assert tokens[row] not in ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+def test_sample_never_synchronizes_the_stream(kind):
+    """Async scheduling needs `sample` to queue its work without waiting for the GPU, also with min_tokens held
+    on most rows (what every served request sends) and mixed stop tokens. A synchronizing call makes the
+    engine's steps serial (session 7's `logits[rows, ids] = float("-inf")` copied a host scalar up: every served
+    step waited for the GPU)."""
+    dev = torch.device("cuda")
+    vocab = 151936
+    sampler = Sampler([151645, 151643], dev)
+    params = dict(temperature=0.0) if kind == "greedy" else dict(temperature=0.8, top_p=0.9, top_k=40)
+    seqs = [seq(i, max_tokens=100, min_tokens=100 if i % 4 else 0, stop_token_ids=[7] if i % 3 == 0 else [],
+                **params) for i in range(64)]
+    logits = torch.randn(64, vocab, device=dev)
+    sampler.sample(logits.clone(), seqs)  # first call: stop ids cached, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # keep the GPU busy, so that a synchronizing call would also show in time
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens, _ = sampler.sample(logits.clone(), seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for i, token in enumerate(tokens.tolist()):
+        if seqs[i].params.min_tokens:
+            assert token not in {151645, 151643, *seqs[i].params.stop_token_ids}
