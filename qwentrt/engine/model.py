@@ -63,6 +63,12 @@ class Linear(nn.Module):
             return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size)
         return x @ self.weight.t()
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu_and_mul(gate_up)); INT4 at a few tokens on CUDA in one kernel."""
+        if self.quantized:
+            return ops.awq_linear_of_silu_mul(gate_up, self.qweight, self.qzeros, self.scales, self.group_size)
+        return self(ops.silu_and_mul(gate_up))
+
     @classmethod
     def fused(cls, parts: list[dict[str, torch.Tensor]], group_size: int) -> "Linear":
         """Concatenate several linears' output features (q|k|v, gate|up) into one."""
@@ -102,7 +108,7 @@ class DecoderLayer(nn.Module):
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, k_scale, v_scale)
         hidden = self.o_proj(attn.reshape(t, c.q_size))
         x, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x)), residual
 
 
 class Qwen3Model(nn.Module):

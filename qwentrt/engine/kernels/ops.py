@@ -19,6 +19,7 @@ from qwentrt.engine.kernels import reference
 from qwentrt.engine.kernels import rope as _rope
 from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (re-exported: built once, at load)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
+from qwentrt.engine.kernels.w4a16 import awq_linear_silu_mul as _awq_linear_silu_mul
 
 _configs: dict[str, Any] = {}
 
@@ -87,6 +88,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int) -> torch.Tensor:
     return _awq_linear(x, qweight, qzeros, scales, group_size, _configs)
+
+
+def awq_linear_of_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                           scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """awq_linear(silu_and_mul(gate_up)): one launch where the GEMV runs (a few tokens on CUDA), else the two."""
+    out = _awq_linear_silu_mul(gate_up, qweight, qzeros, scales, group_size, _configs)
+    if out is None:
+        out = awq_linear(silu_and_mul(gate_up), qweight, qzeros, scales, group_size)
+    return out
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, k_scale, v_scale):

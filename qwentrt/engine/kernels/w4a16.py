@@ -305,8 +305,35 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if m >= configs.get("w4a16_prefill_min_tokens", 512):
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
     n, k = scales.shape[1], qweight.shape[0]
-    if m <= configs.get("w4a16_gemv_max_tokens", 0) and n % 8 == 0 and k % group_size == 0:
-        gemv = configs.get("w4a16_gemv", {})
-        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv.get(f"{n}x{k}") or gemv.get("default"))
+    gemv = gemv_config(configs, m, n, k, group_size)
+    if gemv is not None:
+        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv)
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
+
+
+def gemv_config(configs: dict, m: int, n: int, k: int, group_size: int) -> dict | None:
+    """The GEMV's config where awq_linear takes the GEMV for m tokens of an [n, k] linear (up to
+    `w4a16_gemv_max_tokens`, a tuned engine's setting), else None."""
+    if m <= configs.get("w4a16_gemv_max_tokens", 0) and m < configs.get("w4a16_prefill_min_tokens", 512) \
+            and n % 8 == 0 and k % group_size == 0:
+        gemv = configs.get("w4a16_gemv", {})
+        return gemv.get(f"{n}x{k}") or gemv.get("default") or {}
+    return None
+
+
+def awq_linear_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                        group_size: int, configs: dict | None = None) -> torch.Tensor | None:
+    """awq_linear(silu_and_mul(gate_up)) in one launch where awq_linear would take the GEMV: the GEMV computes
+    the SiLU-mul as it loads its input (w4a16_gemv.py, SILU_MUL; the same result bit for bit). None where it
+    does not apply (the CPU, more tokens, `w4a16_gemv_silu_mul: false` in the configs): run the two."""
+    configs = configs or {}
+    if gate_up.device.type != "cuda" or triton is None or not configs.get("w4a16_gemv_silu_mul", True):
+        return None
+    n, k = scales.shape[1], qweight.shape[0]
+    if gate_up.shape[-1] != 2 * k:
+        return None
+    gemv = gemv_config(configs, gate_up.shape[0], n, k, group_size)
+    if gemv is None:
+        return None
+    return w4a16_gemv(gate_up, qweight, qzeros, scales, group_size, gemv, silu_mul=True)

@@ -13,6 +13,11 @@ gate_up projection's 27 us; docs/KERNEL_NOTES.md), so the inner loop is cut to t
 Half h, nibble p of packed column c is AWQ position 4h + p, which is logical column 8c + 2p + h (AWQ's
 (0, 2, 4, 6, 1, 3, 5, 7) order), so results are kept as [BLOCK_N / 8, 2, 4] and stored by that index.
 
+SILU_MUL: x is the gate|up projection's output [M, 2K] and the kernel takes silu(gate) * up as its input,
+rounded as `activation.silu_and_mul` rounds it (so the result is the unfused pair's, bit for bit): the MLP's down
+projection at a few tokens then needs no SiLU-mul launch (one kernel less per layer in the decode graph). Every
+column tile recomputes its K range of the product, a few exps per thousand nibbles.
+
 Split-K partial sums go to a float32 workspace with atomic adds; the last split of each tile to finish
 (an atomic counter per tile) writes the output in x's dtype and puts the workspace and its counter back
 to zero, so a call is one launch: no memset, no cast kernel. The workspace and counters persist per
@@ -42,7 +47,8 @@ if triton is not None:
     @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                            stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
-                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SILU_MUL: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -66,6 +72,10 @@ if triton is not None:
             for kk in tl.static_range(0, GROUP, BLOCK_K):
                 offs_k = g * GROUP + kk + rk
                 x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
+                if SILU_MUL:  # x is the gate; the up half starts K further on (activation.py's rounding)
+                    up = tl.load(x_ptr + m * stride_xm + K + offs_k).to(tl.float32)
+                    silu = (x / (1.0 + tl.exp(-x))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                    x = (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
                 qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :], mask=mask[None, :], other=0)
                 acc += x[:, None, None, None] * _nibbles_scaled(qw, masks)
                 xs += x
@@ -109,12 +119,19 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype. Meant for M of 1 to a few: each row is its own program."""
+               group_size: int, config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype. Meant for M of 1 to a few: each row is its own program.
+    silu_mul: x is [M, 2K] (gate | up) and the product is silu(gate) * up (activation.silu_and_mul) times W."""
     if triton is None:
         raise RuntimeError("the W4A16 GEMV kernel needs the triton package")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     m, k = x.shape
+    if silu_mul:
+        if k % 2:
+            raise ValueError(f"W4A16 GEMV: silu_mul needs x as gate | up, [M, 2K]; got {k} columns")
+        k //= 2
+    if k != qweight.shape[0]:
+        raise ValueError(f"W4A16 GEMV: x has K = {k}, the weight {qweight.shape[0]}")
     n = scales.shape[1]
     block_k = min(cfg["BLOCK_K"], group_size)
     if group_size % block_k or k % group_size:
@@ -122,7 +139,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                          f"group size must divide K ({k})")
     if n % 8:
         raise ValueError(f"W4A16 GEMV: N ({n}) must be a multiple of 8")
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = max(1, min(cfg["SPLIT_K"], k // group_size))  # a split owns whole groups
     grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), split)
@@ -131,6 +149,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
-                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"],
+                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, num_warps=cfg["num_warps"],
                              num_stages=cfg["num_stages"])
     return out
