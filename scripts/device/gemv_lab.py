@@ -24,7 +24,8 @@ import triton.language as tl
 sys.path.insert(0, ".")
 from qwentrt.engine.kernels import reference  # noqa: E402
 from qwentrt.engine.kernels.w4a16 import (_dequant_bf16, _scale_pairs, _scales_arg, _zero_pairs, awq_linear,  # noqa: E402
-                                          bf16_ptx)
+                                          awq_linear_silu_mul, bf16_ptx)
+from qwentrt.engine.kernels.activation import silu_and_mul  # noqa: E402
 
 
 @triton.jit
@@ -139,8 +140,18 @@ def main() -> None:
             nbytes = n * k // 2 + (k // group) * n * 2.5
             totals["production"] += prod
             totals["swap_ab"] += best_ms
-            print(f"M={m} {name:>7} {n}x{k}: production {prod * 1e3:6.1f} us ({nbytes / prod / 1e9:5.0f} GB/s), "
-                  f"swap A/B {best_ms * 1e3:6.1f} us ({nbytes / best_ms / 1e9:5.0f} GB/s) {best}", flush=True)
+            print(f"M={m} {name:>7} {n}x{k}: production {prod * 1e3:6.1f} us ({nbytes / prod / 1e6:5.0f} GB/s), "
+                  f"swap A/B {best_ms * 1e3:6.1f} us ({nbytes / best_ms / 1e6:5.0f} GB/s) {best}", flush=True)
+        # the down projection with its SiLU-mul: two launches (silu_and_mul, GEMV) against the fused GEMV
+        n, k = shapes["down"]
+        ws = [random_awq(n, k, group, dev, torch.bfloat16) for _ in range(copies)]
+        gate_up = torch.randn(m, 2 * k, device=dev, dtype=torch.bfloat16)
+        two = time_in_graph(lambda: [awq_linear(silu_and_mul(gate_up), *w, group, kernels) for w in ws],
+                            replays=20) / copies
+        fused = time_in_graph(lambda: [awq_linear_silu_mul(gate_up, *w, group, kernels) for w in ws],
+                              replays=20) / copies
+        print(f"M={m} down with SiLU-mul: two launches {two * 1e3:6.1f} us, fused {fused * 1e3:6.1f} us "
+              f"(36 layers: {36 * (two - fused) * 1e3:+.0f} us saved)", flush=True)
         print(f"== M={m}: 36 layers' linears: production {totals['production'] * 36:.3f} ms, "
               f"swap A/B {totals['swap_ab'] * 36:.3f} ms", flush=True)
 
