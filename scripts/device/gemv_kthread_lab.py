@@ -27,6 +27,9 @@ from qwentrt.engine.kernels import reference  # noqa: E402
 from qwentrt.engine.kernels.w4a16 import awq_linear  # noqa: E402
 from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace  # noqa: E402
 
+sys.path.insert(0, "scripts/device")
+from gemv_lab import random_awq  # noqa: E402  (fresh random AutoAWQ-layout weights)
+
 
 @triton.jit
 def _nib(w, SHIFT: tl.constexpr):
@@ -144,14 +147,6 @@ def kthread_gemv(x, qweight, qzeros, scales, group, cfg):
                           BLOCK_K=cfg["BLOCK_K"], GROUPS_PER_PROG=per, num_warps=cfg["num_warps"],
                           num_stages=cfg.get("num_stages", 2))
     return out
-
-
-def random_awq(n, k, group, device, dtype):
-    """Fresh random AutoAWQ-layout weights (never zeros)."""
-    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, device=device)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32, device=device)
-    scales = (torch.rand(k // group, n, device=device) * 0.02 + 0.001).to(dtype)
-    return qweight, qzeros, scales
 
 
 def check() -> None:
