@@ -33,10 +33,12 @@ from typing import Any, Callable
 from qwentrt.config import SamplingParams
 from qwentrt.engine.async_engine import EngineUnavailable
 from qwentrt.engine.engine import RequestError, RequestOutput
+from qwentrt.serving.lifecycle import stacks_later
 
 ENV = "QWENTRT_ENGINE_PROCESS"  # what engine_process: auto means: 1 (a process) or 0 (a thread)
 STATS_S = 0.1  # how often the engine process sends its counters
 ADD_TIMEOUT_S = 120.0  # an add the engine process has not answered by then fails (INTERNAL) and is aborted
+
 
 
 class EngineProcessError(RuntimeError):
@@ -407,9 +409,11 @@ class _Server:
                 service.abort(msg[1])
             elif kind == "stop":
                 t0 = time.monotonic()
+                stacks_later(4)  # a stop that hangs: every thread's stack in the log
                 service.shutdown()
                 t1 = time.monotonic()
                 self.close()
+                stacks_later(None)
                 t2 = time.monotonic()
                 if t2 - t0 > 2:
                     print(f"qwentrt: the engine process took {t2 - t0:.1f} s to stop: {t1 - t0:.1f} s for the engine "

@@ -10,6 +10,7 @@ a final UNAVAILABLE response for each one left."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import urllib.error
 import urllib.request
@@ -85,3 +86,16 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
               f"kill -9 {stub}; fi")
     subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, start_new_session=True,
                      close_fds=True)
+
+
+def stacks_later(seconds: float | None) -> None:
+    """Write every thread's stack to stderr if this process is still going `seconds` from now (None: cancel):
+    a stop that hangs until tritonserver's exit timeout then says where in the log. Best effort: a stderr without
+    a file descriptor just means no stacks."""
+    try:
+        if seconds is None:
+            faulthandler.cancel_dump_traceback_later()
+        else:
+            faulthandler.dump_traceback_later(seconds, exit=False)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        pass

@@ -33,10 +33,11 @@ import numpy as np
 from qwentrt.engine.async_engine import AsyncEngine, EngineUnavailable
 from qwentrt.engine.engine import LLMEngine, RequestError, RequestOutput
 from qwentrt.serving import engine_process, faults, memtrace
-from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent
+from qwentrt.serving.lifecycle import ServerWatch, exit_with_parent, stacks_later
 from qwentrt.serving.request import BadRequest, ParsedRequest, parse
 
 _ZERO = np.zeros((1, 1), dtype=np.int32)  # batch_index and sequence_index of every response
+STOP_STACKS_AFTER_S = 6  # a stop still running after this long writes every thread's stack to the log
 POLL_S = 0.05  # how often the sender asks Triton whether streams were cancelled (a budget a round: see below)
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "cum_log_probs",
            "output_log_probs", "batch_index", "sequence_index", "json_valid", "json_errors")
@@ -406,6 +407,8 @@ class Qwen3Backend:
         self._stop = True
         self._wake.set()
         t0 = time.monotonic()
+        # a stop that hangs (tritonserver's exit timeout then ends the process) leaves every thread's stack in the log
+        stacks_later(STOP_STACKS_AFTER_S)
         self._sender.join(timeout=5)
         try:
             self._send_pass()
@@ -413,9 +416,12 @@ class Qwen3Backend:
             print(f"qwentrt: last sender pass failed: {type(e).__name__}: {e}", file=sys.stderr)
         self._end_remaining("the server is shutting down")
         t1 = time.monotonic()
+        if t1 - t0 > 2:  # (tritonserver's exit timeout counts this: say where it went, now, in case it runs out)
+            print(f"qwentrt: the model's sender took {t1 - t0:.1f} s to stop", file=sys.stderr, flush=True)
         self.service.shutdown()
+        stacks_later(None)
         t2 = time.monotonic()
-        if t2 - t0 > 2:  # (tritonserver's exit timeout counts this; say where it went)
+        if t2 - t0 > 2:
             print(f"qwentrt: the model took {t2 - t0:.1f} s to stop: {t1 - t0:.1f} s for the sender's last "
                   f"responses, {t2 - t1:.1f} s for the engine", file=sys.stderr, flush=True)
 
