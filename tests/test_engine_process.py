@@ -194,8 +194,11 @@ def test_a_stop_that_hangs_leaves_every_threads_stack_and_a_quick_one_nothing():
     code = ("import time\nfrom qwentrt.serving.lifecycle import stacks_later\n"
             "stacks_later(0.3)\ntime.sleep({})\nstacks_later(None)\ntime.sleep(0.5)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    slow = subprocess.run([sys.executable, "-c", code.format(1.0)], cwd=root, capture_output=True, text=True, timeout=60)
+    def run_it(sleep_s: float) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code.format(sleep_s)], cwd=root, capture_output=True, text=True,
+                              timeout=60)
+
+    slow = run_it(1.0)
     assert "most recent call first" in slow.stderr and "line 4" in slow.stderr
-    quick = subprocess.run([sys.executable, "-c", code.format(0.0)], cwd=root, capture_output=True, text=True,
-                           timeout=60)
+    quick = run_it(0.0)
     assert quick.returncode == 0 and quick.stderr == ""

@@ -2,16 +2,13 @@
 two kernels it replaces (activation.silu_and_mul, then the GEMV) and against the torch reference, on fresh random
 inputs: through Triton's interpreter on the CPU (float32 and float16, where it is faithful), on CUDA in bf16."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from qwentrt.engine.kernels import ops, reference
-from tests.test_w4a16_kernel import random_awq
+from tests.test_w4a16_kernel import random_awq, worst_in_the_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -20,7 +17,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     from qwentrt.engine.kernels import reference
     from qwentrt.engine.kernels.activation import silu_and_mul
     from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv, split_k_workspace
-    from tests.test_w4a16_kernel import random_awq
+    from tests.test_w4a16_kernel import random_awq, worst_in_the_interpreter
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
     worst = 0.0
     for dtype in (torch.float32, torch.float16):
@@ -46,12 +43,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 
 
 def test_fused_silu_mul_gemv_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    worst = float(proc.stdout.split("WORST")[1])
+    worst = worst_in_the_interpreter(INTERPRET_SCRIPT)
     assert worst < 1e-5, worst
 
 

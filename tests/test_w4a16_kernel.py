@@ -62,13 +62,19 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernel_matches_reference_in_the_interpreter():
+def worst_in_the_interpreter(script: str) -> float:
+    """Run a check script under TRITON_INTERPRET=1 from the repository root; -> the relative error it printed
+    after "WORST" (the script fails on anything else)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    worst = float(proc.stdout.split("WORST")[1])
+    return float(proc.stdout.split("WORST")[1])
+
+
+def test_kernel_matches_reference_in_the_interpreter():
+    worst = worst_in_the_interpreter(INTERPRET_SCRIPT)
     assert worst < 1e-5, worst
 
 

@@ -121,7 +121,8 @@ class Sampler:
             # it on the host and copy it up, which synchronizes the stream (the GPU runs ahead of this step)
             rows_t = to_device(rows, torch.long, logits.device)
             if logits.is_contiguous():
-                logits.view(-1).index_fill_(0, (rows_t[:, None] * logits.shape[1] + ids[None, :]).view(-1), float("-inf"))
+                flat = rows_t[:, None] * logits.shape[1] + ids[None, :]
+                logits.view(-1).index_fill_(0, flat.view(-1), float("-inf"))
             else:
                 logits.index_put_((rows_t[:, None], ids[None, :]), logits.new_full((), float("-inf")))
 

@@ -40,7 +40,6 @@ STATS_S = 0.1  # how often the engine process sends its counters
 ADD_TIMEOUT_S = 120.0  # an add the engine process has not answered by then fails (INTERNAL) and is aborted
 
 
-
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or failed a request in a way that is not the request's fault."""
 
