@@ -83,11 +83,13 @@ def test_fused_silu_mul_gemv_on_cuda(m):
     assert torch.equal(fused, w4a16_gemv(silu_and_mul(gate_up), t["qweight"], t["qzeros"], t["scales"], 128, one))
     ref = reference.awq_linear(reference.silu_and_mul(gate_up).float(), t["qweight"], t["qzeros"],
                                t["scales"].float(), 128)
-    configs = {"w4a16_gemv_max_tokens": 4, "w4a16_gemv": {"default": {"SPLIT_K": 8}}}
+    configs = {"w4a16_gemv_max_tokens": 4, "w4a16_gemv": {"default": {"SPLIT_K": 8}}, "w4a16_gemv_silu_mul": True}
     for _ in range(3):  # split-K: the workspace comes back to zero between calls
         out = w4a16.awq_linear_silu_mul(gate_up, t["qweight"], t["qzeros"], t["scales"], 128, configs)
         assert out is not None and float((out.float() - ref).norm() / ref.norm()) < 1e-2
     assert w4a16.awq_linear_silu_mul(gate_up, t["qweight"], t["qzeros"], t["scales"], 128,
-                                     {"w4a16_gemv_max_tokens": m - 1}) is None
+                                     dict(configs, w4a16_gemv_max_tokens=m - 1)) is None
     assert w4a16.awq_linear_silu_mul(gate_up, t["qweight"], t["qzeros"], t["scales"], 128,
                                      dict(configs, w4a16_gemv_silu_mul=False)) is None
+    assert w4a16.awq_linear_silu_mul(gate_up, t["qweight"], t["qzeros"], t["scales"], 128,
+                                     {"w4a16_gemv_max_tokens": 4}) is None  # off by default

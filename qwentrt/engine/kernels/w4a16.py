@@ -325,10 +325,12 @@ def gemv_config(configs: dict, m: int, n: int, k: int, group_size: int) -> dict 
 def awq_linear_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                         group_size: int, configs: dict | None = None) -> torch.Tensor | None:
     """awq_linear(silu_and_mul(gate_up)) in one launch where awq_linear would take the GEMV: the GEMV computes
-    the SiLU-mul as it loads its input (w4a16_gemv.py, SILU_MUL; the same result bit for bit). None where it
-    does not apply (the CPU, more tokens, `w4a16_gemv_silu_mul: false` in the configs): run the two."""
+    the SiLU-mul as it loads its input (w4a16_gemv.py, SILU_MUL; the same result bit for bit). Opt-in with
+    `w4a16_gemv_silu_mul: true` in the kernel configs: on the H100 the fused launch is slower than the pair
+    (15.4 against 14.1 us for the down projection at 1 token, KERNEL_NOTES session 9), since every column tile
+    recomputes the product. None where it does not apply (not opted in, the CPU, more tokens): run the two."""
     configs = configs or {}
-    if gate_up.device.type != "cuda" or triton is None or not configs.get("w4a16_gemv_silu_mul", True):
+    if gate_up.device.type != "cuda" or triton is None or not configs.get("w4a16_gemv_silu_mul", False):
         return None
     n, k = scales.shape[1], qweight.shape[0]
     if gate_up.shape[-1] != 2 * k:
