@@ -239,29 +239,43 @@ def _need_varlen():
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_dtype", [FP8, "same"])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_varlen_prefills_match_the_reference_cuda(q_dtype, kv_dtype, block_size):
-    """Qwen3-4B's head layout (32 query heads, 8 KV heads, head_dim 128), one varlen call."""
+@pytest.mark.parametrize("direct", [True, False], ids=["aten-op", "varlen_attn"])
+def test_varlen_prefills_match_the_reference_cuda(q_dtype, kv_dtype, block_size, direct, monkeypatch):
+    """Qwen3-4B's head layout (32 query heads, 8 KV heads, head_dim 128), one varlen call: the FlashAttention
+    aten op called directly (where it probes right, as on the H100) or the public varlen_attn."""
     _need_varlen()
-    assert pf.varlen_available(torch.device("cuda", torch.cuda.current_device()), q_dtype, 32, 8, 128), \
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert pf.varlen_available(dev, q_dtype, 32, 8, 128), \
         "varlen_attn is installed but its probe failed (see the warning): prefills fall back to SDPA"
+    monkeypatch.setattr(pf, "USE_FLASH_DIRECT", direct)
+    pf.flash_direct_available.cache_clear()
+    if direct and not pf.flash_direct_available(dev, q_dtype, 32, 8, 128):
+        pf.flash_direct_available.cache_clear()
+        pytest.skip(f"torch {torch.__version__}: the FlashAttention op cannot be called directly here")
     kv = q_dtype if kv_dtype == "same" else kv_dtype
     seqs = random_prefills(6, block_size, max_ctx=700) + [(300, 2100)]  # a chunk deep in a long context
     case = Case(seqs, 32, 8, 128, block_size, kv, q_dtype, device="cuda")
     calls = []
-    real = pf._varlen_attn
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return call
 
-    pf._varlen_attn = spy
+    monkeypatch.setattr(pf, "_varlen_attn", spy("varlen_attn", pf._varlen_attn))
+    monkeypatch.setattr(pf, "_flash_direct", spy("aten-op", pf._flash_direct))
     try:
         out = case.prefill()
     finally:
-        pf._varlen_attn = real
-    assert calls == [1], "one varlen call for every prefill sequence"
+        pf.flash_direct_available.cache_clear()
+    assert calls == ["aten-op" if direct else "varlen_attn"], "one varlen call for every prefill sequence"
     assert out.dtype == q_dtype
     assert max_rel(out, case.reference()) < 2e-2
+
+
+def test_no_direct_flash_on_the_cpu():
+    assert not pf.flash_direct_available(torch.device("cpu"), torch.bfloat16, 8, 2, 64)
 
 
 @pytest.mark.gpu
