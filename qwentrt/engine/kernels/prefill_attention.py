@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ def flash_direct_available(device: torch.device, dtype: torch.dtype, num_heads: 
         return False
 
 
-USE_FLASH_DIRECT = True  # False: always the public varlen_attn (a lab's A/B switch)
+USE_FLASH_DIRECT = os.environ.get("QWENTRT_FLASH_DIRECT", "1") != "0"  # 0: always the public varlen_attn (A/B)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch,
