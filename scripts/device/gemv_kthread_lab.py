@@ -55,7 +55,8 @@ def _epilogue(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr):
 @triton.jit
 def _kthread_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K,
                     stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
-                    GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_PER_PROG: tl.constexpr):
+                    GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+                    ACC2D: tl.constexpr = False):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -74,30 +75,64 @@ def _kthread_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K
     o7 = tl.zeros([PN], tl.float32)
     for gi in range(GROUPS_PER_PROG):
         g = pid_k * GROUPS_PER_PROG + gi
-        a0 = tl.zeros([PN], tl.float32)
-        a1 = tl.zeros([PN], tl.float32)
-        a2 = tl.zeros([PN], tl.float32)
-        a3 = tl.zeros([PN], tl.float32)
-        a4 = tl.zeros([PN], tl.float32)
-        a5 = tl.zeros([PN], tl.float32)
-        a6 = tl.zeros([PN], tl.float32)
-        a7 = tl.zeros([PN], tl.float32)
-        xs = tl.zeros([BLOCK_K], tl.float32)
-        for kk in tl.static_range(0, GROUP, BLOCK_K):
-            offs_k = g * GROUP + kk + rk
-            x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
-            w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask=mask[None, :], other=0)
-            hi = w >> 16
-            xb = x[:, None]
-            a0 += _dot_col(xb, _nib(w, 0))
-            a1 += _dot_col(xb, _nib(w, 4))
-            a2 += _dot_col(xb, _nib(w, 8))
-            a3 += _dot_col(xb, _nib(w, 12))
-            a4 += _dot_col(xb, _nib(hi, 0))
-            a5 += _dot_col(xb, _nib(hi, 4))
-            a6 += _dot_col(xb, _nib(hi, 8))
-            a7 += _dot_col(xb, _nib(hi, 12))
-            xs += x
+        if ACC2D:  # [BLOCK_K, PN] accumulators: one FFMA per nibble, one reduction over K per group
+            a0 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a1 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a2 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a3 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a4 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a5 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a6 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a7 = tl.zeros([BLOCK_K, PN], tl.float32)
+            xs = tl.zeros([BLOCK_K], tl.float32)
+            for kk in tl.static_range(0, GROUP, BLOCK_K):
+                offs_k = g * GROUP + kk + rk
+                x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
+                w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask=mask[None, :], other=0)
+                hi = w >> 16
+                xb = x[:, None]
+                a0 += xb * _nib(w, 0)
+                a1 += xb * _nib(w, 4)
+                a2 += xb * _nib(w, 8)
+                a3 += xb * _nib(w, 12)
+                a4 += xb * _nib(hi, 0)
+                a5 += xb * _nib(hi, 4)
+                a6 += xb * _nib(hi, 8)
+                a7 += xb * _nib(hi, 12)
+                xs += x
+            a0 = tl.sum(a0, axis=0)
+            a1 = tl.sum(a1, axis=0)
+            a2 = tl.sum(a2, axis=0)
+            a3 = tl.sum(a3, axis=0)
+            a4 = tl.sum(a4, axis=0)
+            a5 = tl.sum(a5, axis=0)
+            a6 = tl.sum(a6, axis=0)
+            a7 = tl.sum(a7, axis=0)
+        else:  # [PN] accumulators, each chunk's product reduced over K at once
+            a0 = tl.zeros([PN], tl.float32)
+            a1 = tl.zeros([PN], tl.float32)
+            a2 = tl.zeros([PN], tl.float32)
+            a3 = tl.zeros([PN], tl.float32)
+            a4 = tl.zeros([PN], tl.float32)
+            a5 = tl.zeros([PN], tl.float32)
+            a6 = tl.zeros([PN], tl.float32)
+            a7 = tl.zeros([PN], tl.float32)
+            xs = tl.zeros([BLOCK_K], tl.float32)
+            for kk in tl.static_range(0, GROUP, BLOCK_K):
+                offs_k = g * GROUP + kk + rk
+                x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
+                w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask=mask[None, :], other=0)
+                hi = w >> 16
+                xb = x[:, None]
+                a0 += _dot_col(xb, _nib(w, 0))
+                a1 += _dot_col(xb, _nib(w, 4))
+                a2 += _dot_col(xb, _nib(w, 8))
+                a3 += _dot_col(xb, _nib(w, 12))
+                a4 += _dot_col(xb, _nib(hi, 0))
+                a5 += _dot_col(xb, _nib(hi, 4))
+                a6 += _dot_col(xb, _nib(hi, 8))
+                a7 += _dot_col(xb, _nib(hi, 12))
+                xs += x
         xsum = tl.sum(xs, axis=0)
         qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
         qzh = qz >> 16
@@ -144,7 +179,8 @@ def kthread_gemv(x, qweight, qzeros, scales, group, cfg):
     grid = (m, triton.cdiv(n // 8, cfg["PN"]), groups // per)
     _kthread_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, x.stride(0), qweight.stride(0),
                           qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group, PN=cfg["PN"],
-                          BLOCK_K=cfg["BLOCK_K"], GROUPS_PER_PROG=per, num_warps=cfg["num_warps"],
+                          BLOCK_K=cfg["BLOCK_K"], GROUPS_PER_PROG=per, ACC2D=cfg.get("ACC2D", False),
+                          num_warps=cfg["num_warps"],
                           num_stages=cfg.get("num_stages", 2))
     return out
 
@@ -154,7 +190,9 @@ def check() -> None:
     torch.manual_seed(0)
     for (n, k, m), cfg in itertools.product([(256, 256, 1), (200, 384, 2)],
                                             [{"PN": 16, "BLOCK_K": 32, "GROUPS_PER_PROG": 1, "num_warps": 1},
-                                             {"PN": 32, "BLOCK_K": 64, "GROUPS_PER_PROG": 3, "num_warps": 1}]):
+                                             {"PN": 32, "BLOCK_K": 64, "GROUPS_PER_PROG": 3, "num_warps": 1},
+                                             {"PN": 16, "BLOCK_K": 32, "GROUPS_PER_PROG": 1, "num_warps": 1,
+                                              "ACC2D": True}]):
         w = random_awq(n, k, 128, "cpu", torch.float32)
         if k // 128 % cfg["GROUPS_PER_PROG"]:
             continue
