@@ -32,13 +32,14 @@ from qwentrt.engine.kernels import w4a16_gemv  # noqa: E402
 
 SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16",
              "ws_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
-             "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32", "GROUP": "constexpr", "PN": "constexpr",
-             "BLOCK_K": "constexpr", "GROUPS_PER_PROG": "constexpr", "ACC2D": "constexpr"}
-DEFAULT_CFGS = ["PN=128,BLOCK_K=32,GROUPS_PER_PROG=1,num_warps=4,ACC2D=0",
-                "PN=128,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=4,ACC2D=0",
-                "PN=128,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=4,ACC2D=1",
-                "PN=128,BLOCK_K=16,GROUPS_PER_PROG=1,num_warps=4,ACC2D=1",
-                "PN=64,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=2,ACC2D=1"]
+             "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32", "magic": "i32", "GROUP": "constexpr",
+             "PN": "constexpr",
+             "BLOCK_K": "constexpr", "GROUPS_PER_PROG": "constexpr", "ACC2D": "constexpr",
+             "EVEN_N": "constexpr", "ASM_HI": "constexpr"}
+DEFAULT_CFGS = ["PN=128,BLOCK_K=32,GROUPS_PER_PROG=1,num_warps=4,ACC2D=0,EVEN_N=1",
+                "PN=128,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=4,ACC2D=1,EVEN_N=1",
+                "PN=64,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=2,ACC2D=1,EVEN_N=1",
+                "PN=128,BLOCK_K=8,GROUPS_PER_PROG=1,num_warps=4,ACC2D=1,EVEN_N=0"]
 PRODUCTION_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16",
                         "ws_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "SPLIT_K": "i32",
                         "stride_xm": "i32", "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32",
@@ -46,6 +47,13 @@ PRODUCTION_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s
                         "SILU_MUL": "constexpr"}
 PRODUCTION_CFGS = ["BLOCK_N=128,BLOCK_K=16,num_warps=1", "BLOCK_N=256,BLOCK_K=32,num_warps=2"]  # h100_kernels.json
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def divisibility(fn, sig: dict) -> dict:
+    """What Triton's JIT assumes at launch for the model's shapes: every pointer 16-byte aligned and every int
+    argument divisible by 16 (all N, K and strides of Qwen3-4B's linears are). Without it the AOT compile would
+    see no alignment and never vectorize a load."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}
 
 
 def parse(cfg: str) -> dict:
@@ -70,8 +78,9 @@ def main() -> None:
     ap.add_argument("--cfg", action="append", help="KEY=VALUE,... (PN, BLOCK_K, GROUPS_PER_PROG, num_warps, ACC2D)")
     ap.add_argument("--production", action="store_true", help="the production GEMV (w4a16_gemv.py)")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--dump", help="write each config's SASS to DUMP.<n>.sass")
     args = ap.parse_args()
-    for text in args.cfg or (PRODUCTION_CFGS if args.production else DEFAULT_CFGS):
+    for i, text in enumerate(args.cfg or (PRODUCTION_CFGS if args.production else DEFAULT_CFGS)):
         cfg = parse(text)
         if args.production:
             fn, sig = w4a16_gemv._w4a16_gemv_kernel, PRODUCTION_SIGNATURE
@@ -82,13 +91,17 @@ def main() -> None:
         else:
             fn, sig = lab._kthread_kernel, SIGNATURE
             const = {"GROUP": 128, "PN": cfg["PN"], "BLOCK_K": cfg["BLOCK_K"],
-                     "GROUPS_PER_PROG": cfg["GROUPS_PER_PROG"], "ACC2D": bool(cfg.get("ACC2D", 0))}
+                     "GROUPS_PER_PROG": cfg["GROUPS_PER_PROG"], "ACC2D": bool(cfg.get("ACC2D", 0)),
+                     "EVEN_N": bool(cfg.get("EVEN_N", 0)), "ASM_HI": bool(cfg.get("ASM_HI", 1))}
         t0 = time.perf_counter()
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=divisibility(fn, sig)),
                                 target=GPUTarget("cuda", args.arch, 32),
                                 options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 2)})
         secs = time.perf_counter() - t0
         sass, res = sass_of(kernel.asm["cubin"])
+        if args.dump:
+            with open(f"{args.dump}.{i}.sass", "w") as f:
+                f.write(sass)
         ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
         regs = re.search(r"REG:(\d+)", res)
         spill = re.search(r"STACK:(\d+)", res)

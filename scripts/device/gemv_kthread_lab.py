@@ -1,21 +1,27 @@
 """W4A16 at 1 token (lab, not a test): a "K in the thread" GEMV beside the production one. The production GEMV is
-ALU-bound at ~5.4 instructions per nibble (docs/KERNEL_NOTES.md), of which ~2.4 are layout work: a [BLOCK_K, PN, 2,
-4] accumulator built with tl.join, a cross-thread reduction over K per group, x converted through shared memory.
+ALU-bound; read on the CPU (scripts/sass_lab.py, sm_90) it runs ~5.7 SASS instructions per nibble, of which ~2.4
+are layout work: its [BLOCK_K, PN, 2, 4] accumulator puts the 8 nibbles of a word on 8 threads, so every word goes
+through shared memory (STS + LDS.128) and x is loaded 2 bytes at a time by every thread.
 
-This variant keeps each packed word's 8 columns in 8 separate [BLOCK_K, PN] products that all share the layout of
-the loaded words (no join, no 4-D tensor), reduces each over K per chunk (in the thread when the compiler puts a
-chunk's rows in one thread), and splits K finely (GROUPS_PER_PROG groups a program) so that enough warps run.
-Per 8 nibbles: one shift, 8 LOP3 (mask | 2^23), 8 FADD (- 2^23), 8 FFMA: ~3.1 instructions per nibble. The split-K
-sums go through the production GEMV's workspace and counters (the last program of a tile writes y).
+This variant keeps each packed word's 8 columns in 8 separate [BLOCK_K, PN] accumulators in the loaded words' own
+layout (no join, no 4-D tensor, 128-bit word loads), one FFMA per nibble, reduced over K once per group (ACC2D; the
+first version reduced every chunk, FMUL + FADD trees), with 2^23 passed in a register (one LOP3 per nibble, not
+two), the high half shifted by inline PTX (LLVM otherwise makes each high nibble a shift + bitfield extract) and
+unmasked loads where the tiles divide N (EVEN_N). sass_lab.py: ~4.0 instructions per nibble (PN 128, BLOCK_K 8,
+4 warps: 96 registers, no spills) against ~5.7; prediction on the H100: the 1-token linears ~1.35x faster where
+ALU-bound (gate_up 21.6 -> ~16 us), if the loads (no software pipelining in an unrolled chunk loop) keep up. The
+split-K sums go through the production GEMV's workspace and counters (the last program of a tile writes y).
 
     python3 scripts/device/gemv_kthread_lab.py        # H100: the 4b model's four linears at 1 token, best config each
     TRITON_INTERPRET=1 python3 scripts/device/gemv_kthread_lab.py check   # CPU: against the reference
+    python3 scripts/sass_lab.py                       # CPU: its SASS per config (and --production)
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -32,9 +38,32 @@ from gemv_lab import random_awq  # noqa: E402  (fresh random AutoAWQ-layout weig
 
 
 @triton.jit
-def _nib(w, SHIFT: tl.constexpr):
-    """The nibble at bits SHIFT..SHIFT+3 (SHIFT < 16) of w, as q * 16^(SHIFT / 4) in float32, exactly."""
-    return ((w & (15 << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _nib(w, SHIFT: tl.constexpr, magic):
+    """The nibble at bits SHIFT..SHIFT+3 (SHIFT < 16) of w, as q * 16^(SHIFT / 4) in float32, exactly. magic is
+    0x4B000000 (2^23) passed in as a value, not a literal: with two immediates (mask and magic) the compiler splits
+    the AND-OR into two LOP3s (sass_lab.py), with one in a register it is one."""
+    return ((w & (15 << SHIFT)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _load_words(ptrs, mask, EVEN_N: tl.constexpr):
+    """The packed words of a chunk; unmasked where the column tiles divide N (EVEN_N), so that the loads can be
+    vectorized (a mask along the words breaks the contiguity Triton needs for 128-bit loads)."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask[None, :], other=0)
+
+
+@triton.jit
+def _high_half(w, ASM_HI: tl.constexpr):
+    """w >> 16. As inline PTX (ASM_HI, the GPU) the shift is opaque to LLVM, which otherwise folds it into each of
+    the four nibbles' masks as a bitfield extract (a shift and an SGXT per nibble, sass_lab.py); the interpreter
+    runs no PTX."""
+    if ASM_HI:
+        return tl.inline_asm_elementwise("shr.u32 $0, $1, 16;", "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return w >> 16
 
 
 @triton.jit
@@ -44,19 +73,19 @@ def _dot_col(xb, q):
 
 
 @triton.jit
-def _epilogue(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr):
+def _epilogue(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr, magic):
     """One column of each word: s * (sum x q - z * sum x), the 16^p of the magic number taken out."""
     unscale: tl.constexpr = 1.0 / (1 << SHIFT)
-    z = _nib(qz, SHIFT) * unscale
+    z = _nib(qz, SHIFT, magic) * unscale
     s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return s * (acc * unscale - z * xsum)
 
 
 @triton.jit
 def _kthread_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K,
-                    stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
+                    stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
                     GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
-                    ACC2D: tl.constexpr = False):
+                    ACC2D: tl.constexpr = False, EVEN_N: tl.constexpr = False, ASM_HI: tl.constexpr = False):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -88,17 +117,17 @@ def _kthread_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K
             for kk in tl.static_range(0, GROUP, BLOCK_K):
                 offs_k = g * GROUP + kk + rk
                 x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
-                w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask=mask[None, :], other=0)
-                hi = w >> 16
+                w = _load_words(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask, EVEN_N)
+                hi = _high_half(w, ASM_HI)
                 xb = x[:, None]
-                a0 += xb * _nib(w, 0)
-                a1 += xb * _nib(w, 4)
-                a2 += xb * _nib(w, 8)
-                a3 += xb * _nib(w, 12)
-                a4 += xb * _nib(hi, 0)
-                a5 += xb * _nib(hi, 4)
-                a6 += xb * _nib(hi, 8)
-                a7 += xb * _nib(hi, 12)
+                a0 += xb * _nib(w, 0, magic)
+                a1 += xb * _nib(w, 4, magic)
+                a2 += xb * _nib(w, 8, magic)
+                a3 += xb * _nib(w, 12, magic)
+                a4 += xb * _nib(hi, 0, magic)
+                a5 += xb * _nib(hi, 4, magic)
+                a6 += xb * _nib(hi, 8, magic)
+                a7 += xb * _nib(hi, 12, magic)
                 xs += x
             a0 = tl.sum(a0, axis=0)
             a1 = tl.sum(a1, axis=0)
@@ -121,30 +150,30 @@ def _kthread_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K
             for kk in tl.static_range(0, GROUP, BLOCK_K):
                 offs_k = g * GROUP + kk + rk
                 x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
-                w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask=mask[None, :], other=0)
-                hi = w >> 16
+                w = _load_words(qw_ptr + offs_k[:, None] * stride_qw + words[None, :], mask, EVEN_N)
+                hi = _high_half(w, ASM_HI)
                 xb = x[:, None]
-                a0 += _dot_col(xb, _nib(w, 0))
-                a1 += _dot_col(xb, _nib(w, 4))
-                a2 += _dot_col(xb, _nib(w, 8))
-                a3 += _dot_col(xb, _nib(w, 12))
-                a4 += _dot_col(xb, _nib(hi, 0))
-                a5 += _dot_col(xb, _nib(hi, 4))
-                a6 += _dot_col(xb, _nib(hi, 8))
-                a7 += _dot_col(xb, _nib(hi, 12))
+                a0 += _dot_col(xb, _nib(w, 0, magic))
+                a1 += _dot_col(xb, _nib(w, 4, magic))
+                a2 += _dot_col(xb, _nib(w, 8, magic))
+                a3 += _dot_col(xb, _nib(w, 12, magic))
+                a4 += _dot_col(xb, _nib(hi, 0, magic))
+                a5 += _dot_col(xb, _nib(hi, 4, magic))
+                a6 += _dot_col(xb, _nib(hi, 8, magic))
+                a7 += _dot_col(xb, _nib(hi, 12, magic))
                 xs += x
         xsum = tl.sum(xs, axis=0)
         qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
         qzh = qz >> 16
         sg = s_ptr + g * stride_s
-        o0 += _epilogue(a0, xsum, qz, sg, c0 + 0, mask, 0)  # half 0: p = 0..3 -> columns 0, 2, 4, 6
-        o1 += _epilogue(a1, xsum, qz, sg, c0 + 2, mask, 4)
-        o2 += _epilogue(a2, xsum, qz, sg, c0 + 4, mask, 8)
-        o3 += _epilogue(a3, xsum, qz, sg, c0 + 6, mask, 12)
-        o4 += _epilogue(a4, xsum, qzh, sg, c0 + 1, mask, 0)  # half 1 -> columns 1, 3, 5, 7
-        o5 += _epilogue(a5, xsum, qzh, sg, c0 + 3, mask, 4)
-        o6 += _epilogue(a6, xsum, qzh, sg, c0 + 5, mask, 8)
-        o7 += _epilogue(a7, xsum, qzh, sg, c0 + 7, mask, 12)
+        o0 += _epilogue(a0, xsum, qz, sg, c0 + 0, mask, 0, magic)  # half 0: p = 0..3 -> columns 0, 2, 4, 6
+        o1 += _epilogue(a1, xsum, qz, sg, c0 + 2, mask, 4, magic)
+        o2 += _epilogue(a2, xsum, qz, sg, c0 + 4, mask, 8, magic)
+        o3 += _epilogue(a3, xsum, qz, sg, c0 + 6, mask, 12, magic)
+        o4 += _epilogue(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic)  # half 1 -> columns 1, 3, 5, 7
+        o5 += _epilogue(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic)
+        o6 += _epilogue(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic)
+        o7 += _epilogue(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic)
     ws = ws_ptr + m * N + c0
     tl.atomic_add(ws + 0, o0, mask=mask, sem="relaxed")
     tl.atomic_add(ws + 2, o1, mask=mask, sem="relaxed")
@@ -178,8 +207,9 @@ def kthread_gemv(x, qweight, qzeros, scales, group, cfg):
     ws, counts = split_k_workspace(x.device)
     grid = (m, triton.cdiv(n // 8, cfg["PN"]), groups // per)
     _kthread_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, x.stride(0), qweight.stride(0),
-                          qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group, PN=cfg["PN"],
+                          qzeros.stride(0), scales.stride(0), out.stride(0), 0x4B000000, GROUP=group, PN=cfg["PN"],
                           BLOCK_K=cfg["BLOCK_K"], GROUPS_PER_PROG=per, ACC2D=cfg.get("ACC2D", False),
+                          EVEN_N=(n // 8) % cfg["PN"] == 0, ASM_HI=x.is_cuda,
                           num_warps=cfg["num_warps"],
                           num_stages=cfg.get("num_stages", 2))
     return out
@@ -207,48 +237,18 @@ def check() -> None:
         assert not ws.any() and not counts.any()
 
 
-def _compile(cfgs) -> int:
-    """In a worker process: compile (and run once) each config on a small shape whose N and K get the same
-    specialization as the model's, filling Triton's on-disk cache for the timing process."""
-    dev = torch.device("cuda")
-    w = random_awq(256, 256, 128, dev, torch.bfloat16)
-    x = torch.randn(1, 256, device=dev, dtype=torch.bfloat16)
-    done = 0
-    for c in cfgs:
-        if 2 % c["GROUPS_PER_PROG"]:
-            continue
-        try:
-            kthread_gemv(x, *w, 128, c)
-            done += 1
-        except Exception:  # noqa: BLE001 (reported by the timing loop)
-            pass
-    torch.cuda.synchronize()
-    return done
-
-
-def precompile(cfgs, workers: int = 14) -> None:
-    """Compile every config in parallel processes (a config compiles in seconds to a minute: its K loop is
-    unrolled), so the timing loop below only loads cached kernels."""
-    import concurrent.futures
-    import multiprocessing
-    import time
-    t0 = time.perf_counter()
-    chunks = [cfgs[i::workers] for i in range(workers)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = sum(pool.map(_compile, chunks))
-    print(f"compiled {done} of {len(cfgs)} configs in {time.perf_counter() - t0:.0f} s", flush=True)
-
-
 def main() -> None:
     dev = torch.device("cuda")
     from qwentrt.engine.tuning import time_in_graph
     kernels = json.load(open("scripts/device/h100_kernels.json"))
     shapes = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
     group, copies = 128, 8  # 8 weight copies per shape: > 50 MB, out of L2
-    cfgs = [{"PN": pn, "BLOCK_K": bk, "GROUPS_PER_PROG": per, "num_warps": nw}
-            for pn, bk, per, nw in itertools.product((64, 128, 256), (8, 16, 32), (1, 2), (1, 2, 4))
-            if pn >= 32 * nw]
-    precompile(cfgs)
+    # A focused set (each config compiles in ~10 s: its K loop is unrolled): the 2-D accumulators with 8-row chunks,
+    # the shapes sass_lab.py counts at ~4.0 SASS instructions per nibble (production ~5.7). KTHREAD_CFGS (JSON list)
+    # overrides it.
+    cfgs = json.loads(os.environ["KTHREAD_CFGS"]) if os.environ.get("KTHREAD_CFGS") else [
+        {"PN": pn, "BLOCK_K": 8, "GROUPS_PER_PROG": per, "num_warps": nw, "ACC2D": True}
+        for (pn, nw), per in itertools.product(((64, 2), (128, 2), (128, 4)), (1, 2))]
     totals = {"production": 0.0, "kthread": 0.0}
     for name, (n, k) in shapes.items():
         ws = [random_awq(n, k, group, dev, torch.bfloat16) for _ in range(copies)]
