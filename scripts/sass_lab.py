@@ -45,6 +45,10 @@ PRODUCTION_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s
                         "stride_xm": "i32", "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32",
                         "stride_ym": "i32", "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                         "SILU_MUL": "constexpr"}
+WORDS_SIGNATURE = dict(list(PRODUCTION_SIGNATURE.items())[:15] + [("magic", "i32"), ("GROUP", "constexpr"),
+                       ("PN", "constexpr"), ("BLOCK_K", "constexpr"), ("EVEN_N", "constexpr"), ("ASM", "constexpr")])
+WORDS_CFGS = ["BLOCK_N=1024,BLOCK_K=8,num_warps=4", "BLOCK_N=512,BLOCK_K=8,num_warps=2",
+              "BLOCK_N=1024,BLOCK_K=8,num_warps=4,EVEN_N=0"]
 PRODUCTION_CFGS = ["BLOCK_N=128,BLOCK_K=16,num_warps=1", "BLOCK_N=256,BLOCK_K=32,num_warps=2"]  # h100_kernels.json
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -76,13 +80,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--cfg", action="append", help="KEY=VALUE,... (PN, BLOCK_K, GROUPS_PER_PROG, num_warps, ACC2D)")
-    ap.add_argument("--production", action="store_true", help="the production GEMV (w4a16_gemv.py)")
+    ap.add_argument("--production", action="store_true", help="the production GEMV (w4a16_gemv.py), lanes layout")
+    ap.add_argument("--words", action="store_true", help="the production GEMV's words layout (LAYOUT 'words')")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--dump", help="write each config's SASS to DUMP.<n>.sass")
     args = ap.parse_args()
-    for i, text in enumerate(args.cfg or (PRODUCTION_CFGS if args.production else DEFAULT_CFGS)):
+    defaults = PRODUCTION_CFGS if args.production else WORDS_CFGS if args.words else DEFAULT_CFGS
+    for i, text in enumerate(args.cfg or defaults):
         cfg = parse(text)
-        if args.production:
+        if args.words:
+            fn, sig = w4a16_gemv._w4a16_gemv_words_kernel, WORDS_SIGNATURE
+            cfg["PN"], cfg["GROUPS_PER_PROG"] = cfg["BLOCK_N"] // 8, 1
+            const = {"GROUP": 128, "PN": cfg["PN"], "BLOCK_K": cfg["BLOCK_K"], "EVEN_N": bool(cfg.get("EVEN_N", 1)),
+                     "ASM": True}
+        elif args.production:
             fn, sig = w4a16_gemv._w4a16_gemv_kernel, PRODUCTION_SIGNATURE
             const = {"GROUP": 128, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                      "SILU_MUL": bool(cfg.get("SILU_MUL", 0))}

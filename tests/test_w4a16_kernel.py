@@ -45,11 +45,12 @@ INTERPRET_SCRIPT = textwrap.dedent("""
         t = random_awq(n, k, group)
         x = torch.randn(m, k)
         ref = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], group)
-        for _ in range(2):  # twice: the split-K workspace and counters must come back to zero
-            out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], group,
-                             {"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split})
-            assert not torch.isnan(out).any()
-            worst = max(worst, float((out - ref).norm() / ref.norm()))
+        for layout in ("lanes", "words"):  # (words: n = 72 leaves a partial tile, the masked loads)
+            for _ in range(2):  # twice: the split-K workspace and counters must come back to zero
+                out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], group,
+                                 {"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "LAYOUT": layout})
+                assert not torch.isnan(out).any()
+                worst = max(worst, float((out - ref).norm() / ref.norm()))
         ws, counts = split_k_workspace(x.device)
         assert not ws.any() and not counts.any()
     from qwentrt.engine.kernels.w4a16 import awq_dequantize
@@ -95,11 +96,15 @@ def test_kernel_matches_reference_on_cuda(m):
             assert rel < 1e-2, (m, n, k, split, rel)
         if m <= 16:
             from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
-            for split in (1, 8):
+            # words at 1024 columns (128 words): a partial tile of 2560 columns (320 words), whole ones of 6144
+            for split, layout, bn in [(1, "lanes", 128), (8, "lanes", 128), (1, "words", 512), (8, "words", 1024),
+                                      (20, "words", 512)]:
+                cfg = {"SPLIT_K": split, "LAYOUT": layout, "BLOCK_N": bn, "BLOCK_K": 8 if layout == "words" else 16,
+                       "num_warps": 4 if layout == "words" else 1}
                 for _ in range(3):
-                    out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, {"SPLIT_K": split})
+                    out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg)
                     rel = float((out.float() - ref).norm() / ref.norm())
-                    assert out.dtype == torch.bfloat16 and rel < 1e-2, ("gemv", m, n, k, split, rel)
+                    assert out.dtype == torch.bfloat16 and rel < 1e-2, ("gemv", m, n, k, cfg, rel)
 
 
 @pytest.mark.gpu
@@ -167,11 +172,15 @@ def test_decode_config_picks_bucket_then_shape():
 
 def test_tuning_candidates_and_shapes():
     from qwentrt.config import Qwen3Config
-    from qwentrt.engine.tuning import candidate_configs, linear_shapes
+    from qwentrt.engine.tuning import candidate_configs, gemv_candidates, linear_shapes
 
     for bucket in (16, 32, 64, 256):
         cands = candidate_configs(bucket)
         assert cands and all(c["BLOCK_M"] >= min(bucket, 64) and 128 % c["BLOCK_K"] == 0 for c in cands)
+    gemv = gemv_candidates()
+    assert {c["LAYOUT"] for c in gemv} == {"lanes", "words"}
+    assert all(128 % c["BLOCK_K"] == 0 and c["BLOCK_N"] % 8 == 0 and (c["BLOCK_N"] // 8) & (c["BLOCK_N"] // 8 - 1) == 0
+               for c in gemv)  # whole groups per step; a power-of-two count of words
     import json
     from importlib.resources import files
     cfg = Qwen3Config.from_hf(json.loads((files("qwentrt") / "data" / "qwen3-4b-instruct-2507.config.json").read_text()))

@@ -43,12 +43,16 @@ def candidate_configs(bucket: int) -> list[dict[str, int]]:
     return out
 
 
-def gemv_candidates() -> list[dict[str, int]]:
+def gemv_candidates() -> list[dict[str, Any]]:
     """GEMV tiles (BLOCK_N columns x BLOCK_K rows per step, a split owning whole groups; SPLIT_K is clamped
-    to the number of groups, so the large ones mean "one group per program")."""
-    tiles = ((128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (256, 16, 2), (256, 32, 2), (512, 32, 4))
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2}
-            for (bn, bk, w), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
+    to the number of groups, so the large ones mean "one group per program"), in both layouts of w4a16_gemv.py:
+    "lanes" (a word's nibbles on 8 threads) and "words" (each thread owns whole words; fewer instructions per
+    nibble, wider tiles)."""
+    lanes = ((128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (256, 16, 2), (256, 32, 2), (512, 32, 4))
+    words = ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1))
+    tiles = [(bn, bk, w, "lanes") for bn, bk, w in lanes] + [(bn, bk, w, "words") for bn, bk, w in words]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2, "LAYOUT": layout}
+            for (bn, bk, w, layout), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
 
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:

@@ -18,6 +18,10 @@ rounded as `activation.silu_and_mul` rounds it (so the result is the unfused pai
 projection at a few tokens then needs no SiLU-mul launch (one kernel less per layer in the decode graph). Every
 column tile recomputes its K range of the product, a few exps per thousand nibbles.
 
+LAYOUT (a config key): "lanes" (the kernel first below, the default) spreads a word's 8 nibbles over 8 threads;
+"words" (the second) has each thread own whole words, ~4.1 against ~5.7 SASS instructions per nibble on sm_90
+(scripts/sass_lab.py reads them on the CPU). Build-time tuning times both.
+
 Split-K partial sums go to a float32 workspace with atomic adds; the last split of each tile to finish
 (an atomic counter per tile) writes the output in x's dtype and puts the workspace and its counter back
 to zero, so a call is one launch: no memset, no cast kernel. The workspace and counters persist per
@@ -102,11 +106,142 @@ if triton is not None:
                 tl.store(count_ptr + tile, 0)
 
 
+if triton is not None:
+
+    # ---- the "words" layout: each thread owns whole packed words (LAYOUT "words")
+    # The kernel above spreads a word's 8 nibbles over 8 threads ([BLOCK_K, PN, 2, 4], threadsPerWarp [1, 4, 2, 4]):
+    # every word goes through shared memory and every thread loads each x, ~5.7 SASS instructions per nibble on
+    # sm_90 (scripts/sass_lab.py). Here the 8 columns of a word are 8 [BLOCK_K, PN] accumulators in the loaded
+    # words' own layout (128-bit word loads where the tiles divide N), one FFMA per nibble, reduced over rows once
+    # per group; ~4.0 instructions per nibble. Same math, same split-K protocol, same results up to summation order.
+
+    @triton.jit
+    def _nibble(w, SHIFT: tl.constexpr, magic):
+        """Bits SHIFT..SHIFT+3 of w as q * 16^(SHIFT / 4) in float32, exactly. magic (2^23's bits) comes in as a
+        value: with the mask and the magic both immediates the AND-OR compiles to two LOP3s, not one."""
+        return ((w & (15 << SHIFT)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _high_half(w, ASM: tl.constexpr):
+        """w >> 16, as inline PTX on the GPU: opaque to LLVM, which otherwise re-extracts each high nibble from
+        the word (a shift and a bitfield extract per nibble). The interpreter runs no PTX: a plain shift."""
+        if ASM:
+            return tl.inline_asm_elementwise("shr.u32 $0, $1, 16;", "=r,r", [w], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        else:
+            return w >> 16
+
+    @triton.jit
+    def _column(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr, magic):
+        """One column of each word over one group: s * (sum x q - z sum x), the 16^p taken out."""
+        unscale: tl.constexpr = 1.0 / (1 << SHIFT)
+        z = _nibble(qz, SHIFT, magic) * unscale
+        s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return s * (tl.sum(acc, axis=0) * unscale - z * xsum)
+
+    @triton.jit
+    def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
+                                 stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
+                                 GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 EVEN_N: tl.constexpr, ASM: tl.constexpr):
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        words = pid_n * PN + tl.arange(0, PN)
+        mask = words < N // 8
+        rk = tl.arange(0, BLOCK_K)
+        c0 = words * 8  # column of half h, nibble p of a word: 8c + 2p + h (AWQ's order)
+        n_groups = K // GROUP
+        g0 = pid_k * n_groups // SPLIT_K
+        g1 = (pid_k + 1) * n_groups // SPLIT_K
+        o0 = tl.zeros([PN], tl.float32)
+        o1 = tl.zeros([PN], tl.float32)
+        o2 = tl.zeros([PN], tl.float32)
+        o3 = tl.zeros([PN], tl.float32)
+        o4 = tl.zeros([PN], tl.float32)
+        o5 = tl.zeros([PN], tl.float32)
+        o6 = tl.zeros([PN], tl.float32)
+        o7 = tl.zeros([PN], tl.float32)
+        for g in range(g0, g1):
+            a0 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a1 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a2 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a3 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a4 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a5 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a6 = tl.zeros([BLOCK_K, PN], tl.float32)
+            a7 = tl.zeros([BLOCK_K, PN], tl.float32)
+            xs = tl.zeros([BLOCK_K], tl.float32)
+            for kk in tl.static_range(0, GROUP, BLOCK_K):
+                offs_k = g * GROUP + kk + rk
+                x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
+                w_ptrs = qw_ptr + offs_k[:, None] * stride_qw + words[None, :]
+                if EVEN_N:  # unmasked: the loads vectorize
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=mask[None, :], other=0)
+                hi = _high_half(w, ASM)
+                xb = x[:, None]
+                a0 += xb * _nibble(w, 0, magic)
+                a1 += xb * _nibble(w, 4, magic)
+                a2 += xb * _nibble(w, 8, magic)
+                a3 += xb * _nibble(w, 12, magic)
+                a4 += xb * _nibble(hi, 0, magic)
+                a5 += xb * _nibble(hi, 4, magic)
+                a6 += xb * _nibble(hi, 8, magic)
+                a7 += xb * _nibble(hi, 12, magic)
+                xs += x
+            xsum = tl.sum(xs, axis=0)
+            qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
+            qzh = _high_half(qz, ASM)
+            sg = s_ptr + g * stride_s
+            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic)  # low half: p = 0..3 -> columns 0, 2, 4, 6
+            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic)
+            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic)
+            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic)
+            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic)  # high half -> columns 1, 3, 5, 7
+            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic)
+            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic)
+            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic)
+        if SPLIT_K == 1:
+            y = y_ptr + m * stride_ym + c0
+            tl.store(y + 0, o0.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 2, o1.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 4, o2.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 6, o3.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 1, o4.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 3, o5.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 5, o6.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + 7, o7.to(y_ptr.dtype.element_ty), mask=mask)
+        else:  # the split-K protocol of the kernel above: atomics, a counter per tile, the last split writes y
+            ws = ws_ptr + m * N + c0
+            tl.atomic_add(ws + 0, o0, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 2, o1, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 4, o2, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 6, o3, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 1, o4, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 3, o5, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 5, o6, mask=mask, sem="relaxed")
+            tl.atomic_add(ws + 7, o7, mask=mask, sem="relaxed")
+            tile = m * tl.num_programs(1) + pid_n
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                cols = c0[:, None] + tl.arange(0, 8)[None, :]
+                cmask = mask[:, None]
+                zero = tl.zeros([PN, 8], tl.float32)
+                total = tl.atomic_add(ws_ptr + m * N + cols, zero, mask=cmask, sem="relaxed")
+                tl.store(y_ptr + m * stride_ym + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
+                tl.store(ws_ptr + m * N + cols, zero, mask=cmask)
+                tl.store(count_ptr + tile, 0)
+
+
 # H100 winners per shape are in scripts/device/h100_kernels.json; this is a safe middle for any shape
 DEFAULT_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 8, "num_warps": 1, "num_stages": 2}
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 WORKSPACE_FLOATS = 1 << 22  # 16 MiB: M * N of the largest call (e.g. 16 tokens x 262,144 columns)
 MAX_TILES = 1 << 16
+MAGIC_2_23 = 0x4B000000  # the float 2^23's bits (the words kernel's magic, passed as a value)
 
 
 def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +282,17 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     ws, counts = split_k_workspace(x.device)
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
+    layout = cfg.get("LAYOUT", "lanes")
+    if layout not in ("lanes", "words"):
+        raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes' or 'words', got {layout!r}")
+    if layout == "words" and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
+        pn = cfg["BLOCK_N"] // 8
+        _w4a16_gemv_words_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0),
+                                       qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+                                       MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
+                                       EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, num_warps=cfg["num_warps"],
+                                       num_stages=cfg["num_stages"])
+        return out
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, num_warps=cfg["num_warps"],
