@@ -1,0 +1,74 @@
+"""W4A16 at 1 token on the GPU (lab, not a test): the production GEMV's two layouts, "lanes" (the configs tuned on
+the H100, scripts/device/h100_kernels.json) against "words" (each thread owns whole packed words; ~4.1 against ~5.7
+SASS instructions per nibble on sm_90, scripts/sass_lab.py), for the 4b model's four linears, each in a CUDA graph
+over 8 weight copies (out of L2). Prints the best words config per shape, the 36 layers' totals, and the
+`w4a16_gemv` entries to paste into h100_kernels.json where words wins. ~1-2 minutes (a config compiles in ~5 s).
+
+    python3 scripts/device/gemv_words_lab.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "scripts/device")
+from gemv_lab import random_awq  # noqa: E402  (fresh random AutoAWQ-layout weights)
+
+from qwentrt.engine.kernels import reference  # noqa: E402
+from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from qwentrt.engine.tuning import time_in_graph  # noqa: E402
+
+SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
+WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": "words"}
+         for (bn, bk, nw), sk in itertools.product(((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)),
+                                                   (8, 16, 32, 128))]
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    tuned = json.load(open("scripts/device/h100_kernels.json"))["w4a16_gemv"]
+    group, copies = 128, 8
+    totals = {"lanes": 0.0, "words": 0.0}
+    winners = {}
+    for name, (n, k) in SHAPES.items():
+        ws = [random_awq(n, k, group, dev, torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        ref = reference.awq_linear(x.float(), *[t if t.dtype == torch.int32 else t.float() for t in ws[0]], group)
+        lanes = tuned.get(f"{n}x{k}", tuned["default"])
+        t_lanes = time_in_graph(lambda: [w4a16_gemv(x, *w, group, lanes) for w in ws], replays=20) / copies
+        best, best_ms = None, float("inf")
+        for c in WORDS:
+            c = dict(c, SPLIT_K=min(c["SPLIT_K"], k // group))
+            try:
+                out = w4a16_gemv(x, *ws[0], group, c).float()
+                err = float((out - ref).norm() / ref.norm())
+                if not err < 1e-2:
+                    print(f"  {name} {c}: WRONG (rel err {err:.2e})", flush=True)
+                    continue
+                ms = time_in_graph(lambda: [w4a16_gemv(x, *w, group, c) for w in ws], replays=20) / copies
+            except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
+                print(f"  {name} {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            print(f"  {name} {c['BLOCK_N']}/{c['BLOCK_K']}/{c['num_warps']}w split {c['SPLIT_K']}: {ms * 1e3:6.1f} us",
+                  flush=True)
+            if ms < best_ms:
+                best, best_ms = c, ms
+        nbytes = n * k // 2 + (k // group) * n * 2.5
+        totals["lanes"] += t_lanes
+        totals["words"] += min(best_ms, t_lanes)
+        if best_ms < t_lanes:
+            winners[f"{n}x{k}"] = best
+        print(f"{name:>7} {n}x{k}: lanes {t_lanes * 1e3:6.1f} us ({nbytes / t_lanes / 1e6:5.0f} GB/s), words "
+              f"{best_ms * 1e3:6.1f} us ({nbytes / best_ms / 1e6:5.0f} GB/s) {best}", flush=True)
+    print(f"== 36 layers' linears at 1 token: lanes {totals['lanes'] * 36:.3f} ms, best of both "
+          f"{totals['words'] * 36:.3f} ms", flush=True)
+    print("w4a16_gemv entries where words wins:", json.dumps(winners), flush=True)
+
+
+if __name__ == "__main__":
+    main()
