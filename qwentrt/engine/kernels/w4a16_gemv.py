@@ -116,10 +116,28 @@ if triton is not None:
     # per group; ~4.0 instructions per nibble. Same math, same split-K protocol, same results up to summation order.
 
     @triton.jit
-    def _nibble(w, SHIFT: tl.constexpr, magic):
-        """Bits SHIFT..SHIFT+3 of w as q * 16^(SHIFT / 4) in float32, exactly. magic (2^23's bits) comes in as a
-        value: with the mask and the magic both immediates the AND-OR compiles to two LOP3s, not one."""
-        return ((w & (15 << SHIFT)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+    def _nibble(w, SHIFT: tl.constexpr, magic, ASM: tl.constexpr):
+        """Bits SHIFT..SHIFT+3 of w as q * 16^(SHIFT / 4) in float32, exactly: (w & mask) | 2^23's bits, minus
+        2^23. One LOP3 needs the mask as its immediate and the magic in a register; left to the compiler, sm_89's
+        ptxas reads the magic from the constant bank and splits the AND-OR in two (scripts/sass_lab.py), so on the
+        GPU the AND-OR is one PTX lop3 (ASM); the interpreter runs no PTX."""
+        if ASM:
+            m = magic + tl.zeros_like(w)
+            if SHIFT == 0:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF, $2, 0xEA;", "=r,r,r", [w, m],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            elif SHIFT == 4:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF0, $2, 0xEA;", "=r,r,r", [w, m],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            elif SHIFT == 8:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF00, $2, 0xEA;", "=r,r,r", [w, m],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF000, $2, 0xEA;", "=r,r,r", [w, m],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = (w & (15 << SHIFT)) | magic
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _high_half(w, ASM: tl.constexpr):
@@ -132,10 +150,10 @@ if triton is not None:
             return w >> 16
 
     @triton.jit
-    def _column(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr, magic):
+    def _column(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr, magic, ASM: tl.constexpr):
         """One column of each word over one group: s * (sum x q - z sum x), the 16^p taken out."""
         unscale: tl.constexpr = 1.0 / (1 << SHIFT)
-        z = _nibble(qz, SHIFT, magic) * unscale
+        z = _nibble(qz, SHIFT, magic, ASM) * unscale
         s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         return s * (tl.sum(acc, axis=0) * unscale - z * xsum)
 
@@ -182,27 +200,27 @@ if triton is not None:
                     w = tl.load(w_ptrs, mask=mask[None, :], other=0)
                 hi = _high_half(w, ASM)
                 xb = x[:, None]
-                a0 += xb * _nibble(w, 0, magic)
-                a1 += xb * _nibble(w, 4, magic)
-                a2 += xb * _nibble(w, 8, magic)
-                a3 += xb * _nibble(w, 12, magic)
-                a4 += xb * _nibble(hi, 0, magic)
-                a5 += xb * _nibble(hi, 4, magic)
-                a6 += xb * _nibble(hi, 8, magic)
-                a7 += xb * _nibble(hi, 12, magic)
+                a0 += xb * _nibble(w, 0, magic, ASM)
+                a1 += xb * _nibble(w, 4, magic, ASM)
+                a2 += xb * _nibble(w, 8, magic, ASM)
+                a3 += xb * _nibble(w, 12, magic, ASM)
+                a4 += xb * _nibble(hi, 0, magic, ASM)
+                a5 += xb * _nibble(hi, 4, magic, ASM)
+                a6 += xb * _nibble(hi, 8, magic, ASM)
+                a7 += xb * _nibble(hi, 12, magic, ASM)
                 xs += x
             xsum = tl.sum(xs, axis=0)
             qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
             qzh = _high_half(qz, ASM)
             sg = s_ptr + g * stride_s
-            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic)  # low half: p = 0..3 -> columns 0, 2, 4, 6
-            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic)
-            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic)
-            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic)
-            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic)  # high half -> columns 1, 3, 5, 7
-            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic)
-            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic)
-            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic)
+            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)  # low half: p = 0..3 -> columns 0, 2, 4, 6
+            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
+            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
+            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
+            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)  # high half -> columns 1, 3, 5, 7
+            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
+            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
+            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
         if SPLIT_K == 1:
             y = y_ptr + m * stride_ym + c0
             tl.store(y + 0, o0.to(y_ptr.dtype.element_ty), mask=mask)
