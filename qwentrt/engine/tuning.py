@@ -124,6 +124,8 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
     for key, (n, k) in shapes.items():
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         ws = weights[key]
+        ref = awq_dequantize(*ws[0], group_size, torch.float32)
+        ref = x.float() @ ref
         best, best_ms = None, float("inf")
         seen = set()
         for c in gemv_candidates():
@@ -132,6 +134,10 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
                 continue
             seen.add(tuple(c.values()))
             try:
+                out = w4a16_gemv(x, *ws[0], group_size, c).float()
+                if not float((out - ref).norm() / ref.norm()) < 1e-2:  # a wrong kernel is never a winner
+                    log(f"  w4a16 gemv {key}: {c} gives wrong results; skipped")
+                    continue
                 ms = time_in_graph(lambda: [w4a16_gemv(x, *w, group_size, c) for w in ws]) / len(ws)
             except Exception:
                 continue
