@@ -170,6 +170,16 @@ def test_decode_config_picks_bucket_then_shape():
             assert decode_config(cfg, m, 6144, 2560)["BLOCK_M"] >= min(m, 64)
 
 
+def test_gemv_refuses_a_bad_config_with_a_clear_error():
+    from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+    t = random_awq(64, 256, 128)
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="LAYOUT"):
+        w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, {"LAYOUT": "rows"})
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, {"BLOCK_N": 96, "LAYOUT": "words"})
+
+
 def test_tuning_candidates_and_shapes():
     from qwentrt.config import Qwen3Config
     from qwentrt.engine.tuning import candidate_configs, gemv_candidates, linear_shapes

@@ -144,7 +144,7 @@ VARLEN_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _flash_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_q: torch.Tensor, cu_seq_k: torch.Tensor,
-                  max_q: int, max_k: int, scale: float | None = None, **_) -> torch.Tensor:
+                  max_q: int, max_k: int, scale: float | None = None) -> torch.Tensor:
     """The FlashAttention varlen forward that varlen_attn wraps, called as an aten op: varlen_attn is a custom op
     with an autograd wrapper and allocates an RNG state per call (~0.1 ms of host time a call on the H100's
     host, 3-4 ms of a 36-layer prefill). Causal (bottom right), GQA natively, no dropout."""

@@ -292,6 +292,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                          f"group size must divide K ({k})")
     if n % 8:
         raise ValueError(f"W4A16 GEMV: N ({n}) must be a multiple of 8")
+    pn = cfg["BLOCK_N"] // 8
+    if cfg["BLOCK_N"] % 8 or pn < 1 or pn & (pn - 1):
+        raise ValueError(f"W4A16 GEMV: BLOCK_N ({cfg['BLOCK_N']}) must be 8 times a power of two (8, 16, ..., 1024)")
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -304,7 +307,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if layout not in ("lanes", "words"):
         raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes' or 'words', got {layout!r}")
     if layout == "words" and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
-        pn = cfg["BLOCK_N"] // 8
         _w4a16_gemv_words_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0),
                                        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
