@@ -43,6 +43,7 @@ LAYOUTS = {  # kernel, its signature, default configs (the H100's tuned lanes co
               ["BLOCK_N=1024,BLOCK_K=8,num_warps=4", "BLOCK_N=512,BLOCK_K=8,num_warps=2",
                "BLOCK_N=1024,BLOCK_K=8,num_warps=4,EVEN_N=0"]),
 }
+LAYOUTS["window"] = (LAYOUTS["words"][0], dict(LAYOUTS["words"][1], WINDOW="constexpr"), LAYOUTS["words"][2])
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
@@ -59,6 +60,11 @@ def compile_layout(layout: str, cfg: dict, arch: int):
     else:
         const = {"GROUP": 128, "PN": cfg["BLOCK_N"] // 8, "BLOCK_K": cfg["BLOCK_K"],
                  "EVEN_N": bool(cfg.get("EVEN_N", 1)), "ASM": True}
+        if layout == "window":
+            const["WINDOW"] = True
+        else:
+            sig = dict(sig, WINDOW="constexpr")
+            const["WINDOW"] = False
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),

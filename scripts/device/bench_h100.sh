@@ -4,7 +4,7 @@
 # `qwentrt build --tune`), then `qwentrt bench` engine-direct and served at 1000/1000 over the
 # concurrency sweep, and perf_analyzer at concurrency 64 (PA=0 skips it; TTFT=1 adds the 2,048-token batch-1
 # TTFT point). Results under $OUT/bench-*. Env: CONC (concurrency list), MODE (engine|served|both), DURATION,
-# BUILD_ARGS (e.g. "--max-batch-size 512"), BENCH_EXTRA, LIMIT1/2/3/4 (seconds per part).
+# KERNELS (a kernel-config JSON instead of h100_kernels.json), BUILD_ARGS (e.g. "--max-batch-size 512"), BENCH_EXTRA, LIMIT1/2/3/4 (seconds per part).
 # ENGINE_PROCESS=1 / 0: the served qwen3 model runs its engine loop in its own process / in a thread of the
 # Triton stub (QWENTRT_ENGINE_PROCESS; unset: the model's default, a process on CUDA); ENGINE_PROCESS=both: the
 # main bench with 1, then served-only with 0 at CONC_THREAD (default: CONC) into $OUT/bench-thread.
@@ -20,7 +20,8 @@ python3 - <<'PY'
 import json
 p = "/tmp/engine-4b/engine.json"
 e = json.load(open(p))
-e["kernels"] = json.load(open("scripts/device/h100_kernels.json"))
+import os
+e["kernels"] = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
 json.dump(e, open(p, "w"), indent=1)
 PY
 keep() { mkdir -p "$OUT/$2"; cp "$1"/report.md "$1"/*.png "$OUT/$2/" 2>/dev/null; gzip -c "$1/results.json" > "$OUT/$2/results.json.gz"; }

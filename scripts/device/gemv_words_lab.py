@@ -5,12 +5,14 @@ over 8 weight copies (out of L2). Prints the best words config per shape, the 36
 `w4a16_gemv` entries to paste into h100_kernels.json where words wins. ~1-2 minutes (a config compiles in ~5 s).
 
     python3 scripts/device/gemv_words_lab.py
+    KERNELS_OUT=/tmp/kernels.json python3 scripts/device/gemv_words_lab.py   # also writes the merged configs
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -24,9 +26,10 @@ from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
 from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
-WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": "words"}
-         for (bn, bk, nw), sk in itertools.product(((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)),
-                                                   (8, 16, 32, 128))]
+WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": layout}
+         for layout, (bn, bk, nw), sk in itertools.product(("words", "window"),
+                                                           ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)),
+                                                           (8, 16, 32, 128))]
 
 
 def main() -> None:
@@ -54,7 +57,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
                 print(f"  {name} {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
-            print(f"  {name} {c['BLOCK_N']}/{c['BLOCK_K']}/{c['num_warps']}w split {c['SPLIT_K']}: {ms * 1e3:6.1f} us",
+            print(f"  {name} {c['LAYOUT']} {c['BLOCK_N']}/{c['BLOCK_K']}/{c['num_warps']}w split {c['SPLIT_K']}: "
+                  f"{ms * 1e3:6.1f} us (rel err {err:.1e})",
                   flush=True)
             if ms < best_ms:
                 best, best_ms = c, ms
@@ -68,6 +72,11 @@ def main() -> None:
     print(f"== 36 layers' linears at 1 token: lanes {totals['lanes'] * 36:.3f} ms, best of both "
           f"{totals['words'] * 36:.3f} ms", flush=True)
     print("w4a16_gemv entries where words wins:", json.dumps(winners), flush=True)
+    if os.environ.get("KERNELS_OUT"):  # h100_kernels.json with the winners merged in, for bench_h100.sh's KERNELS
+        kernels = json.load(open("scripts/device/h100_kernels.json"))
+        kernels["w4a16_gemv"].update(winners)
+        json.dump(kernels, open(os.environ["KERNELS_OUT"], "w"), indent=1)
+        print("merged kernel configs written to", os.environ["KERNELS_OUT"], flush=True)
 
 
 if __name__ == "__main__":

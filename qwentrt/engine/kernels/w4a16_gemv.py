@@ -158,10 +158,58 @@ if triton is not None:
         return s * (tl.sum(acc, axis=0) * unscale - z * xsum)
 
     @triton.jit
+    def _shifted(w, SHIFT: tl.constexpr, ASM: tl.constexpr):
+        """w << SHIFT (SHIFT > 0) or w >> -SHIFT, as inline PTX on the GPU (one SHF each; LLVM would otherwise
+        fold the shift into every nibble's mask as separate extracts)."""
+        if ASM:
+            if SHIFT == 8:
+                return tl.inline_asm_elementwise("shl.b32 $0, $1, 8;", "=r,r", [w], dtype=tl.int32, is_pure=True,
+                                                 pack=1)
+            elif SHIFT == 16:
+                return tl.inline_asm_elementwise("shl.b32 $0, $1, 16;", "=r,r", [w], dtype=tl.int32, is_pure=True,
+                                                 pack=1)
+            elif SHIFT == -8:
+                return tl.inline_asm_elementwise("shr.u32 $0, $1, 8;", "=r,r", [w], dtype=tl.int32, is_pure=True,
+                                                 pack=1)
+            else:
+                return tl.inline_asm_elementwise("shr.u32 $0, $1, 16;", "=r,r", [w], dtype=tl.int32, is_pure=True,
+                                                 pack=1)
+        else:
+            if SHIFT > 0:
+                return w << SHIFT
+            else:
+                return (w >> -SHIFT) & ((1 << (32 + SHIFT)) - 1)
+
+    @triton.jit
+    def _windowed(w, SHIFT: tl.constexpr, one, ASM: tl.constexpr):
+        """The nibble at bits SHIFT..SHIFT+3 (12 or 16) of w as the float 1 + q 2^(SHIFT - 23), exactly: the
+        AND-OR with 1.0's bits is the whole conversion (no subtraction; the 1s are taken out once per group)."""
+        if ASM:
+            if SHIFT == 12:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF000, $2, 0xEA;", "=r,r,r",
+                                                 [w, one + tl.zeros_like(w)], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF0000, $2, 0xEA;", "=r,r,r",
+                                                 [w, one + tl.zeros_like(w)], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = (w & (15 << SHIFT)) | one
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _column_windowed(acc, xsum, qz, s_ptr, cols, mask, SHIFT: tl.constexpr, BITS: tl.constexpr, magic,
+                         ASM: tl.constexpr):
+        """_column for an accumulator of x (1 + q 2^(BITS - 23)): sum x q = (sum - sum x) 2^(23 - BITS)."""
+        unscale: tl.constexpr = 1.0 / (1 << SHIFT)
+        z = _nibble(qz, SHIFT, magic, ASM) * unscale
+        s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return s * ((tl.sum(acc, axis=0) - xsum) * (1 << (23 - BITS)) - z * xsum)
+
+    @triton.jit
     def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                                  stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 EVEN_N: tl.constexpr, ASM: tl.constexpr):
+                                 EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False):
+        one = 0x3F800000  # 1.0's bits (WINDOW)
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -198,29 +246,51 @@ if triton is not None:
                     w = tl.load(w_ptrs)
                 else:
                     w = tl.load(w_ptrs, mask=mask[None, :], other=0)
-                hi = _high_half(w, ASM)
                 xb = x[:, None]
-                a0 += xb * _nibble(w, 0, magic, ASM)
-                a1 += xb * _nibble(w, 4, magic, ASM)
-                a2 += xb * _nibble(w, 8, magic, ASM)
-                a3 += xb * _nibble(w, 12, magic, ASM)
-                a4 += xb * _nibble(hi, 0, magic, ASM)
-                a5 += xb * _nibble(hi, 4, magic, ASM)
-                a6 += xb * _nibble(hi, 8, magic, ASM)
-                a7 += xb * _nibble(hi, 12, magic, ASM)
+                if WINDOW:  # nibbles shifted into mantissa bits 12..19: one LOP3 and one FFMA each
+                    l8 = _shifted(w, 8, ASM)
+                    r8 = _shifted(w, -8, ASM)
+                    a0 += xb * _windowed(_shifted(w, 16, ASM), 16, one, ASM)  # AWQ position 0 (bits 0-3)
+                    a1 += xb * _windowed(l8, 12, one, ASM)  # 1
+                    a2 += xb * _windowed(l8, 16, one, ASM)  # 2
+                    a3 += xb * _windowed(w, 12, one, ASM)  # 3
+                    a4 += xb * _windowed(w, 16, one, ASM)  # 4
+                    a5 += xb * _windowed(r8, 12, one, ASM)  # 5
+                    a6 += xb * _windowed(r8, 16, one, ASM)  # 6
+                    a7 += xb * _windowed(_shifted(w, -16, ASM), 12, one, ASM)  # 7
+                else:
+                    hi = _high_half(w, ASM)
+                    a0 += xb * _nibble(w, 0, magic, ASM)
+                    a1 += xb * _nibble(w, 4, magic, ASM)
+                    a2 += xb * _nibble(w, 8, magic, ASM)
+                    a3 += xb * _nibble(w, 12, magic, ASM)
+                    a4 += xb * _nibble(hi, 0, magic, ASM)
+                    a5 += xb * _nibble(hi, 4, magic, ASM)
+                    a6 += xb * _nibble(hi, 8, magic, ASM)
+                    a7 += xb * _nibble(hi, 12, magic, ASM)
                 xs += x
             xsum = tl.sum(xs, axis=0)
             qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
             qzh = _high_half(qz, ASM)
             sg = s_ptr + g * stride_s
-            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)  # low half: p = 0..3 -> columns 0, 2, 4, 6
-            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
-            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
-            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
-            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)  # high half -> columns 1, 3, 5, 7
-            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
-            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
-            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+            if WINDOW:
+                o0 += _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
+                o1 += _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
+                o2 += _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
+                o3 += _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
+                o4 += _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
+                o5 += _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
+                o6 += _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
+                o7 += _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
+            else:
+                o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)  # low half: p = 0..3 -> columns 0, 2, 4, 6
+                o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
+                o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
+                o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
+                o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)  # high half -> columns 1, 3, 5, 7
+                o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
+                o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
+                o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
         if SPLIT_K == 1:
             y = y_ptr + m * stride_ym + c0
             tl.store(y + 0, o0.to(y_ptr.dtype.element_ty), mask=mask)
@@ -304,13 +374,14 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
     layout = cfg.get("LAYOUT", "lanes")
-    if layout not in ("lanes", "words"):
-        raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes' or 'words', got {layout!r}")
-    if layout == "words" and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
+    if layout not in ("lanes", "words", "window"):
+        raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
+    if layout in ("words", "window") and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
         _w4a16_gemv_words_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0),
                                        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
-                                       EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, num_warps=cfg["num_warps"],
+                                       EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
+                                       num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
         return out
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
