@@ -43,7 +43,7 @@ LAYOUTS = {  # kernel, its signature, default configs (the H100's tuned lanes co
               ["BLOCK_N=1024,BLOCK_K=8,num_warps=4", "BLOCK_N=512,BLOCK_K=8,num_warps=2",
                "BLOCK_N=1024,BLOCK_K=8,num_warps=4,EVEN_N=0"]),
 }
-LAYOUTS["window"] = (LAYOUTS["words"][0], dict(LAYOUTS["words"][1], WINDOW="constexpr"), LAYOUTS["words"][2])
+LAYOUTS["window"] = LAYOUTS["words"]  # (the words kernel with WINDOW; KSTAGES=n in --cfg: its pipelined loop)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
@@ -60,11 +60,9 @@ def compile_layout(layout: str, cfg: dict, arch: int):
     else:
         const = {"GROUP": 128, "PN": cfg["BLOCK_N"] // 8, "BLOCK_K": cfg["BLOCK_K"],
                  "EVEN_N": bool(cfg.get("EVEN_N", 1)), "ASM": True}
-        if layout == "window":
-            const["WINDOW"] = True
-        else:
-            sig = dict(sig, WINDOW="constexpr")
-            const["WINDOW"] = False
+        sig = dict(sig, WINDOW="constexpr", KSTAGES="constexpr")
+        const["WINDOW"] = layout == "window"
+        const["KSTAGES"] = cfg.get("KSTAGES", 0)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),
@@ -84,7 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 (H100), 89 (RTX 4090), 80")
-    ap.add_argument("--cfg", action="append", help="KEY=VALUE,... (BLOCK_N, BLOCK_K, num_warps, num_stages, EVEN_N)")
+    ap.add_argument("--cfg", action="append",
+                    help="KEY=VALUE,... (BLOCK_N, BLOCK_K, num_warps, num_stages, EVEN_N, KSTAGES)")
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per config")
     ap.add_argument("--dump", help="write each config's SASS to DUMP.<layout>.<n>.sass")
     args = ap.parse_args()

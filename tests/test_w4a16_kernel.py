@@ -92,7 +92,8 @@ WINDOW_SCRIPT = textwrap.dedent("""
         ref = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], group)
         for _ in range(2):
             out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], group,
-                             {"BLOCK_N": bn, "BLOCK_K": 16, "SPLIT_K": split, "LAYOUT": "window"})
+                             {"BLOCK_N": bn, "BLOCK_K": 16, "SPLIT_K": split, "LAYOUT": "window",
+                              "KSTAGES": 3 * (split % 2)})  # (the unrolled steps, and the pipelined loop)
             assert not torch.isnan(out).any()
             worst = max(worst, float((out - ref).norm() / ref.norm()))
         ws, counts = split_k_workspace(x.device)
@@ -128,9 +129,11 @@ def test_kernel_matches_reference_on_cuda(m):
             from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
             # words at 1024 columns (128 words): a partial tile of 2560 columns (320 words), whole ones of 6144
             for split, layout, bn in [(1, "lanes", 128), (8, "lanes", 128), (1, "words", 512), (8, "words", 1024),
-                                      (20, "words", 512), (1, "window", 512), (8, "window", 1024)]:
-                cfg = {"SPLIT_K": split, "LAYOUT": layout, "BLOCK_N": bn, "BLOCK_K": 16 if layout == "lanes" else 8,
-                       "num_warps": 1 if layout == "lanes" else 4}
+                                      (20, "words", 512), (1, "window", 512), (8, "window", 1024),
+                                      (8, "window+k3", 512), (20, "words+k3", 512)]:
+                layout, _, stages = layout.partition("+k")
+                cfg = {"SPLIT_K": split, "LAYOUT": layout, "KSTAGES": int(stages or 0), "BLOCK_N": bn,
+                       "BLOCK_K": 16 if layout == "lanes" else 8, "num_warps": 1 if layout == "lanes" else 4}
                 for _ in range(3):
                     out = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg)
                     rel = float((out.float() - ref).norm() / ref.norm())

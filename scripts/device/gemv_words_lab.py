@@ -1,6 +1,7 @@
-"""W4A16 at 1 token on the GPU (lab, not a test): the production GEMV's two layouts, "lanes" (the configs tuned on
+"""W4A16 at 1 token on the GPU (lab, not a test): the production GEMV's "lanes" layout (the configs tuned on
 the H100, scripts/device/h100_kernels.json) against "words" (each thread owns whole packed words; ~4.1 against ~5.7
-SASS instructions per nibble on sm_90, scripts/sass_lab.py), for the 4b model's four linears, each in a CUDA graph
+SASS instructions per nibble on sm_90, scripts/sass_lab.py) and "window" (words with one LOP3 + one FFMA per
+nibble, ~3.5), each unrolled (KSTAGES 0) or as a cp.async-pipelined loop (KSTAGES 3), for the 4b model's four linears, each in a CUDA graph
 over 8 weight copies (out of L2). Prints the best words config per shape, the 36 layers' totals, and the
 `w4a16_gemv` entries to paste into h100_kernels.json where words wins. ~1-2 minutes (a config compiles in ~5 s).
 
@@ -26,10 +27,10 @@ from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
 from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
-WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": layout}
-         for layout, (bn, bk, nw), sk in itertools.product(("words", "window"),
-                                                           ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)),
-                                                           (8, 16, 32, 128))]
+WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": layout,
+          "KSTAGES": ks}
+         for layout, ks, (bn, bk, nw), sk in itertools.product(
+             ("words", "window"), (0, 3), ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)), (8, 16, 32, 128))]
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
                 print(f"  {name} {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
-            print(f"  {name} {c['LAYOUT']} {c['BLOCK_N']}/{c['BLOCK_K']}/{c['num_warps']}w split {c['SPLIT_K']}: "
+            print(f"  {name} {c['LAYOUT']} k{c['KSTAGES']} {c['BLOCK_N']}/{c['BLOCK_K']}/{c['num_warps']}w split {c['SPLIT_K']}: "
                   f"{ms * 1e3:6.1f} us (rel err {err:.1e})",
                   flush=True)
             if ms < best_ms:

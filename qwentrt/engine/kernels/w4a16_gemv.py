@@ -205,11 +205,46 @@ if triton is not None:
         return s * ((tl.sum(acc, axis=0) - xsum) * (1 << (23 - BITS)) - z * xsum)
 
     @triton.jit
+    def _words_step(x_row, qw_ptr, offs_k, words, mask, stride_qw, magic, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+                    EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr):
+        """BLOCK_K rows of the words kernel: each word's 8 nibbles times x, into the 8 accumulators."""
+        x = tl.load(x_row + offs_k).to(tl.float32)
+        w_ptrs = qw_ptr + offs_k[:, None] * stride_qw + words[None, :]
+        if EVEN_N:  # unmasked: the loads vectorize
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=mask[None, :], other=0)
+        xb = x[:, None]
+        if WINDOW:  # nibbles shifted into mantissa bits 12..19: one LOP3 and one FFMA each
+            one = 0x3F800000  # 1.0's bits
+            l8 = _shifted(w, 8, ASM)
+            r8 = _shifted(w, -8, ASM)
+            a0 += xb * _windowed(_shifted(w, 16, ASM), 16, one, ASM)  # AWQ position 0 (bits 0-3)
+            a1 += xb * _windowed(l8, 12, one, ASM)  # 1
+            a2 += xb * _windowed(l8, 16, one, ASM)  # 2
+            a3 += xb * _windowed(w, 12, one, ASM)  # 3
+            a4 += xb * _windowed(w, 16, one, ASM)  # 4
+            a5 += xb * _windowed(r8, 12, one, ASM)  # 5
+            a6 += xb * _windowed(r8, 16, one, ASM)  # 6
+            a7 += xb * _windowed(_shifted(w, -16, ASM), 12, one, ASM)  # 7
+        else:
+            hi = _high_half(w, ASM)
+            a0 += xb * _nibble(w, 0, magic, ASM)
+            a1 += xb * _nibble(w, 4, magic, ASM)
+            a2 += xb * _nibble(w, 8, magic, ASM)
+            a3 += xb * _nibble(w, 12, magic, ASM)
+            a4 += xb * _nibble(hi, 0, magic, ASM)
+            a5 += xb * _nibble(hi, 4, magic, ASM)
+            a6 += xb * _nibble(hi, 8, magic, ASM)
+            a7 += xb * _nibble(hi, 12, magic, ASM)
+        return a0, a1, a2, a3, a4, a5, a6, a7, xs + x
+
+    @triton.jit
     def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                                  stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False):
-        one = 0x3F800000  # 1.0's bits (WINDOW)
+                                 EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
+                                 KSTAGES: tl.constexpr = 0):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -238,37 +273,16 @@ if triton is not None:
             a6 = tl.zeros([BLOCK_K, PN], tl.float32)
             a7 = tl.zeros([BLOCK_K, PN], tl.float32)
             xs = tl.zeros([BLOCK_K], tl.float32)
-            for kk in tl.static_range(0, GROUP, BLOCK_K):
-                offs_k = g * GROUP + kk + rk
-                x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
-                w_ptrs = qw_ptr + offs_k[:, None] * stride_qw + words[None, :]
-                if EVEN_N:  # unmasked: the loads vectorize
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=mask[None, :], other=0)
-                xb = x[:, None]
-                if WINDOW:  # nibbles shifted into mantissa bits 12..19: one LOP3 and one FFMA each
-                    l8 = _shifted(w, 8, ASM)
-                    r8 = _shifted(w, -8, ASM)
-                    a0 += xb * _windowed(_shifted(w, 16, ASM), 16, one, ASM)  # AWQ position 0 (bits 0-3)
-                    a1 += xb * _windowed(l8, 12, one, ASM)  # 1
-                    a2 += xb * _windowed(l8, 16, one, ASM)  # 2
-                    a3 += xb * _windowed(w, 12, one, ASM)  # 3
-                    a4 += xb * _windowed(w, 16, one, ASM)  # 4
-                    a5 += xb * _windowed(r8, 12, one, ASM)  # 5
-                    a6 += xb * _windowed(r8, 16, one, ASM)  # 6
-                    a7 += xb * _windowed(_shifted(w, -16, ASM), 12, one, ASM)  # 7
-                else:
-                    hi = _high_half(w, ASM)
-                    a0 += xb * _nibble(w, 0, magic, ASM)
-                    a1 += xb * _nibble(w, 4, magic, ASM)
-                    a2 += xb * _nibble(w, 8, magic, ASM)
-                    a3 += xb * _nibble(w, 12, magic, ASM)
-                    a4 += xb * _nibble(hi, 0, magic, ASM)
-                    a5 += xb * _nibble(hi, 4, magic, ASM)
-                    a6 += xb * _nibble(hi, 8, magic, ASM)
-                    a7 += xb * _nibble(hi, 12, magic, ASM)
-                xs += x
+            if KSTAGES == 0:  # the group's BLOCK_K-row steps unrolled; loads issued as registers allow
+                for kk in tl.static_range(0, GROUP, BLOCK_K):
+                    a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
+                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, words, mask, stride_qw, magic,
+                        a0, a1, a2, a3, a4, a5, a6, a7, xs, EVEN_N, ASM, WINDOW)
+            else:  # a loop whose weight loads go through shared memory, KSTAGES steps in flight (cp.async)
+                for kk in tl.range(0, GROUP, BLOCK_K, num_stages=KSTAGES):
+                    a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
+                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, words, mask, stride_qw, magic,
+                        a0, a1, a2, a3, a4, a5, a6, a7, xs, EVEN_N, ASM, WINDOW)
             xsum = tl.sum(xs, axis=0)
             qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
             qzh = _high_half(qz, ASM)
@@ -381,6 +395,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                                        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
                                        EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
+                                       KSTAGES=cfg.get("KSTAGES", 0),
                                        num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
         return out
