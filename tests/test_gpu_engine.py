@@ -142,3 +142,21 @@ def test_async_scheduling_on_cuda_graphs_gives_the_synchronous_outputs(cuda_engi
         outs[mode] = [(o.token_ids, o.text, o.finish_reason) for o in eng.generate(prompts, params)]
         assert eng.stats()["kv_pages_used"] == 0
     assert outs[True] == outs[False]
+
+
+def test_captured_prefill_graphs_match_the_eager_prefill(cuda_engine):
+    """A lone whole prompt replays a prefill graph (prefill_graphs.py): the first token's log-probability and the
+    greedy tokens as the eager prefill's, for prompts inside a bucket, on its edge and past several pages."""
+    from .test_engine import random_prompts
+    from .test_prefill_graphs import GREEDY, _spy
+    prompts = random_prompts([3, 32, 200, 700])
+    eager = LLMEngine(cuda_engine, device="cuda", num_blocks=256, prefill_graphs=False)
+    graphs = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
+    assert eager.runner.prefill_graphs is None and graphs.runner.prefill_graphs.graphs
+    used = _spy(graphs.runner)
+    for p in prompts:
+        a = eager.generate([p], GREEDY)[0]
+        b = graphs.generate([p], GREEDY)[0]
+        assert abs(a.logprobs[0] - b.logprobs[0]) < 5e-2, (len(p), a.logprobs[0], b.logprobs[0])
+        assert b.token_ids[:2] == a.token_ids[:2], len(p)
+    assert used == [len(p) for p in prompts]

@@ -97,6 +97,7 @@ class DecodeGraphs:
         self._staging = [_Staging(n, max_pages, pin), _Staging(n, max_pages, pin)]
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
         # Every graph writes its float32 logits into rows of this one buffer, outside the graphs' shared pool:
         # one output per graph kept alive in the pool would hold sum(sizes) rows of the vocabulary
         # (5 GiB at max batch 512, when the engine's memory plan counts 256 MiB for all the graphs).
@@ -129,6 +130,7 @@ class DecodeGraphs:
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
+        self.pool = pool  # (the prefill graphs share it: prefill_graphs.py)
 
     def can_run(self, num_seqs: int, max_pages: int) -> bool:
         return 0 < num_seqs <= self.max_batch_size and max_pages <= self.max_pages

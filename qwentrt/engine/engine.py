@@ -17,6 +17,7 @@ import torch
 
 from qwentrt.config import EngineConfig, SamplingParams
 from qwentrt.engine.block_manager import BlockManager
+from qwentrt.engine import memory_plan
 from qwentrt.engine.detokenizer import IncrementalDetokenizer
 from qwentrt.engine.prompt_encoder import PromptEncoder
 from qwentrt.engine.inflight import InFlightStep
@@ -55,7 +56,7 @@ class LLMEngine:
                  dtype: torch.dtype | None = None, num_blocks: int | None = None, max_num_tokens: int | None = None,
                  max_batch_size: int | None = None, max_prefill_chunk: int | None = None,
                  allow_gpu_mismatch: bool = False, enable_prefix_caching: bool = True, cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, prefill_graphs: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.config = EngineConfig.load(self.engine_dir)
         cfg = self.config
@@ -77,6 +78,11 @@ class LLMEngine:
             cuda_graphs = os.environ.get("QWENTRT_CUDA_GRAPHS", "1") != "0"
         if self.device.type == "cuda" and cuda_graphs:
             self.runner.capture_cuda_graphs(self.max_batch_size)
+        if prefill_graphs is None:  # a lone prompt's prefill as a graph (prefill_graphs.py); eager on the CPU
+            prefill_graphs = self.device.type == "cuda" and cuda_graphs and \
+                os.environ.get("QWENTRT_PREFILL_GRAPHS", "1") != "0"
+        if prefill_graphs:
+            self.runner.capture_prefill_graphs(min(memory_plan.PREFILL_GRAPH_TOKENS, self.max_num_tokens, self.max_seq_len))
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         from tokenizers import Tokenizer

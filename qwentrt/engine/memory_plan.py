@@ -9,6 +9,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CUDA_CONTEXT = 600 * MiB  # CUDA context, cuBLAS/Triton workspaces and the allocator's slack
 CUDA_GRAPHS = 256 * MiB  # captured decode graphs' shared private pool (plus their logits buffer, below)
+PREFILL_GRAPH_TOKENS = 2048  # the longest prompt whose prefill is a CUDA graph (in the same pool: its activations)
 HEADROOM = 0.04  # of the budget: allocator fragmentation, the driver's own use on a desktop card
 
 
@@ -28,7 +29,9 @@ def plan(cfg: Qwen3Config, budget_bytes: int, weight_bytes: int, kv_dtype: KVCac
     the caller reports."""
     act = activation_bytes(cfg, max_num_tokens, max_batch_size)
     headroom = int(budget_bytes * HEADROOM)
-    graphs = CUDA_GRAPHS + max_batch_size * cfg.vocab_size * 4  # + the float32 logits rows they all write
+    # + the prefill graphs' activations (prefill_graphs.py) + the float32 logits rows the graphs write
+    prefill = activation_bytes(cfg, min(PREFILL_GRAPH_TOKENS, max_num_tokens), 1)
+    graphs = CUDA_GRAPHS + prefill + (max_batch_size + 1) * cfg.vocab_size * 4
     left = budget_bytes - headroom - weight_bytes - act - graphs - CUDA_CONTEXT
     block_bytes = cfg.kv_bytes_per_token(kv_dtype) * block_size
     blocks = max(0, left // block_bytes)

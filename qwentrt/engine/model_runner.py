@@ -3,6 +3,7 @@ the block tables, owns the paged KV cache tensors, and returns the logits of the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from qwentrt.engine.cuda_graphs import DecodeGraphs, TableRows
 from qwentrt.engine.inflight import resolve_placeholders
 from qwentrt.engine.kernels.prefill_attention import PrefillBatch, prefill_layout, varlen_available
 from qwentrt.engine.model import AttentionMetadata, load_model
+from qwentrt.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from qwentrt.engine.scheduler import ScheduledSeq
 from qwentrt.engine.sequence import Sequence
 from qwentrt.engine.transfer import to_device
@@ -44,6 +46,7 @@ class ModelRunner:
             varlen_available(self.kv_caches[0][0].device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
                              cfg.head_dim)
         self.graphs: DecodeGraphs | None = None  # capture_cuda_graphs() on CUDA
+        self.prefill_graphs: PrefillGraphs | None = None  # capture_prefill_graphs() on CUDA
         self._table_rows = TableRows(0, self.max_pages)  # the eager path's block tables (grown on demand)
 
     def _fit_blocks(self, planned: int, kv_dtype: torch.dtype) -> int:
@@ -59,6 +62,25 @@ class ModelRunner:
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, self.max_pages, self.device)
         self.graphs.capture()
+
+    def capture_prefill_graphs(self, max_tokens: int) -> None:
+        """Graphs of a lone whole prompt's prefill up to max_tokens tokens (prefill_graphs.py), in the decode
+        graphs' pool. Out of memory, the prefills stay eager (a warning says so): slower first tokens, same
+        results."""
+        if not prefill_buckets(max_tokens):
+            return
+        graphs = PrefillGraphs(self.model, self.kv_caches, max_tokens, self.block_size, self.device)
+        if self.device.type != "cuda":
+            self.prefill_graphs = graphs  # (runs its padded forward eagerly: what the CPU tests check)
+            return
+        try:
+            graphs.capture(self.graphs.pool if self.graphs is not None else None)
+        except torch.cuda.OutOfMemoryError as e:
+            warnings.warn(f"prefill CUDA graphs not captured (out of GPU memory: {str(e).splitlines()[0]}); "
+                          "prefills run eagerly", stacklevel=2)
+            torch.cuda.empty_cache()
+            return
+        self.prefill_graphs = graphs
 
     @staticmethod
     def order(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
@@ -158,6 +180,11 @@ class ModelRunner:
                 rows = [i for i, item in enumerate(batch) if item.samples]
                 logits = logits[to_device(rows, torch.long, self.device)]
             return logits, sampling
+        if self.prefill_graphs is not None and len(batch) == 1 and prev_tokens is None:
+            item = batch[0]  # one whole prompt, nothing of it cached: a captured prefill
+            if item.seq.num_computed_tokens == 0 and self.prefill_graphs.can_run(item.num_tokens):
+                logits = self.prefill_graphs.run(input_ids, tables[0])
+                return (logits if item.samples else logits[:0]), sampling
         input_ids, meta = self.prepare(batch, bm, host)
         if prev_tokens is not None:
             input_ids = resolve_placeholders(input_ids, prev_tokens)
