@@ -27,10 +27,17 @@ from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
 from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
-WORDS = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": 2, "LAYOUT": layout,
-          "KSTAGES": ks}
+def _env(name: str, default: str) -> list[str]:
+    return os.environ.get(name, default).split(";")
+
+
+# LAB_LAYOUTS, LAB_KSTAGES, LAB_TILES (BLOCK_N,BLOCK_K,num_warps;...), LAB_SPLITS narrow or widen the sweep
+WORDS = [{"BLOCK_N": int(bn), "BLOCK_K": int(bk), "SPLIT_K": int(sk), "num_warps": int(nw), "num_stages": 2,
+          "LAYOUT": layout, "KSTAGES": int(ks)}
          for layout, ks, (bn, bk, nw), sk in itertools.product(
-             ("words", "window"), (0, 3), ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1)), (8, 16, 32, 128))]
+             _env("LAB_LAYOUTS", "words;window"), _env("LAB_KSTAGES", "0;3"),
+             [t.split(",") for t in _env("LAB_TILES", "512,8,2;1024,8,4;512,16,2;256,8,1")],
+             _env("LAB_SPLITS", "8;16;32;128"))]
 
 
 def main() -> None:
