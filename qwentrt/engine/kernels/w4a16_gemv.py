@@ -305,32 +305,20 @@ if triton is not None:
                 o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
                 o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
                 o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+        # each word's 8 columns side by side, [PN, 8] in column order (8c + 2p + h: p1, p0, h from the outer axis
+        # in), so a thread writes 8 consecutive floats: 8 strided [PN] stores or atomics touch 8x the sectors
+        out = tl.reshape(tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)), tl.join(tl.join(o4, o6), tl.join(o5, o7))),
+                         [PN, 8])
+        cols = c0[:, None] + tl.arange(0, 8)[None, :]
+        cmask = mask[:, None]
         if SPLIT_K == 1:
-            y = y_ptr + m * stride_ym + c0
-            tl.store(y + 0, o0.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 2, o1.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 4, o2.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 6, o3.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 1, o4.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 3, o5.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 5, o6.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(y + 7, o7.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + m * stride_ym + cols, out.to(y_ptr.dtype.element_ty), mask=cmask)
         else:  # the split-K protocol of the kernel above: atomics, a counter per tile, the last split writes y
-            ws = ws_ptr + m * N + c0
-            tl.atomic_add(ws + 0, o0, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 2, o1, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 4, o2, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 6, o3, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 1, o4, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 3, o5, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 5, o6, mask=mask, sem="relaxed")
-            tl.atomic_add(ws + 7, o7, mask=mask, sem="relaxed")
+            tl.atomic_add(ws_ptr + m * N + cols, out, mask=cmask, sem="relaxed")
             tile = m * tl.num_programs(1) + pid_n
             tl.debug_barrier()
             done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if done == SPLIT_K - 1:
-                cols = c0[:, None] + tl.arange(0, 8)[None, :]
-                cmask = mask[:, None]
                 zero = tl.zeros([PN, 8], tl.float32)
                 total = tl.atomic_add(ws_ptr + m * N + cols, zero, mask=cmask, sem="relaxed")
                 tl.store(y_ptr + m * stride_ym + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
