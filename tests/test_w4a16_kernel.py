@@ -221,7 +221,7 @@ def test_tuning_candidates_and_shapes():
         cands = candidate_configs(bucket)
         assert cands and all(c["BLOCK_M"] >= min(bucket, 64) and 128 % c["BLOCK_K"] == 0 for c in cands)
     gemv = gemv_candidates()
-    assert {c["LAYOUT"] for c in gemv} == {"lanes", "words"}
+    assert {c["LAYOUT"] for c in gemv} == {"lanes", "words", "window"}
     assert all(128 % c["BLOCK_K"] == 0 and c["BLOCK_N"] % 8 == 0 and (c["BLOCK_N"] // 8) & (c["BLOCK_N"] // 8 - 1) == 0
                for c in gemv)  # whole groups per step; a power-of-two count of words
     import json

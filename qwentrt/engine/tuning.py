@@ -46,11 +46,13 @@ def candidate_configs(bucket: int) -> list[dict[str, int]]:
 def gemv_candidates() -> list[dict[str, Any]]:
     """GEMV tiles (BLOCK_N columns x BLOCK_K rows per step, a split owning whole groups; SPLIT_K is clamped
     to the number of groups, so the large ones mean "one group per program"), in both layouts of w4a16_gemv.py:
-    "lanes" (a word's nibbles on 8 threads) and "words" (each thread owns whole words; fewer instructions per
-    nibble, wider tiles)."""
+    "lanes" (a word's nibbles on 8 threads), "words" (each thread owns whole words; fewer instructions per
+    nibble) and "window" (words with one LOP3 + one FFMA per nibble)."""
     lanes = ((128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (256, 16, 2), (256, 32, 2), (512, 32, 4))
-    words = ((512, 8, 2), (1024, 8, 4), (512, 16, 2), (256, 8, 1))
-    tiles = [(bn, bk, w, "lanes") for bn, bk, w in lanes] + [(bn, bk, w, "words") for bn, bk, w in words]
+    words = ((256, 8, 1), (512, 8, 2))
+    window = ((256, 8, 1), (256, 8, 2), (256, 8, 4), (512, 8, 2))  # (the H100's best words-family tiles, session 10)
+    tiles = [(bn, bk, w, "lanes") for bn, bk, w in lanes] + [(bn, bk, w, "words") for bn, bk, w in words] + \
+        [(bn, bk, w, "window") for bn, bk, w in window]
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2, "LAYOUT": layout}
             for (bn, bk, w, layout), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
 
