@@ -54,3 +54,41 @@ def test_padded_prefill_matches_the_eager_prefill(bf16_engine):
     assert [o.token_ids for o in both] == [eager.generate([p], GREEDY)[0].token_ids for p in prompts[:2]]
     assert used == [5, 32, 33, 70]
     assert padded.stats()["kv_pages_used"] == 0
+
+
+def test_capture_falls_back_to_fewer_tokens_then_to_eager():
+    """Out of GPU memory at capture the graphs cover fewer tokens (halving), then none; any other capture failure
+    leaves prefills eager. Each with a warning; the engine starts either way."""
+    import warnings
+
+    from qwentrt.engine.prefill_graphs import capture_fitting
+
+    class Fake:
+        def __init__(self, t):
+            self.max_tokens = t
+    tried = []
+
+    def capture(fits):
+        def run(graphs):
+            tried.append(graphs.max_tokens)
+            if graphs.max_tokens > fits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return run
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = capture_fitting(Fake, 2048, capture(600))
+    assert got.max_tokens == 512 and tried == [2048, 1024, 512]
+    assert any("do not fit" in str(x.message) and "trying 1024" in str(x.message) for x in w)
+    tried.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert capture_fitting(Fake, 2048, capture(0)) is None
+    assert tried == [2048, 1024, 512, 256, 128, 64, 32]  # (each the largest bucket within half the last)
+    assert "smallest bucket" in str(w[-1].message)
+
+    def broken(graphs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert capture_fitting(Fake, 2048, broken) is None
+    assert "not captured (RuntimeError: operation not permitted" in str(w[-1].message)

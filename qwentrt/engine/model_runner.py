@@ -3,7 +3,6 @@ the block tables, owns the paged KV cache tensors, and returns the logits of the
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from qwentrt.engine.cuda_graphs import DecodeGraphs, TableRows
 from qwentrt.engine.inflight import resolve_placeholders
 from qwentrt.engine.kernels.prefill_attention import PrefillBatch, prefill_layout, varlen_available
 from qwentrt.engine.model import AttentionMetadata, load_model
-from qwentrt.engine.prefill_graphs import PrefillGraphs, prefill_buckets
+from qwentrt.engine.prefill_graphs import PrefillGraphs, capture_fitting, prefill_buckets
 from qwentrt.engine.scheduler import ScheduledSeq
 from qwentrt.engine.sequence import Sequence
 from qwentrt.engine.transfer import to_device
@@ -65,22 +64,17 @@ class ModelRunner:
 
     def capture_prefill_graphs(self, max_tokens: int) -> None:
         """Graphs of a lone whole prompt's prefill up to max_tokens tokens (prefill_graphs.py), in the decode
-        graphs' pool. Out of memory, the prefills stay eager (a warning says so): slower first tokens, same
-        results."""
+        graphs' pool; fewer tokens if that does not fit, none if nothing does (a warning says so): slower first
+        tokens, same results."""
         if not prefill_buckets(max_tokens):
             return
-        graphs = PrefillGraphs(self.model, self.kv_caches, max_tokens, self.block_size, self.device)
+        def make(t: int) -> PrefillGraphs:
+            return PrefillGraphs(self.model, self.kv_caches, t, self.block_size, self.device)
         if self.device.type != "cuda":
-            self.prefill_graphs = graphs  # (runs its padded forward eagerly: what the CPU tests check)
+            self.prefill_graphs = make(max_tokens)  # (runs its padded forward eagerly: what the CPU tests check)
             return
-        try:
-            graphs.capture(self.graphs.pool if self.graphs is not None else None)
-        except torch.cuda.OutOfMemoryError as e:
-            warnings.warn(f"prefill CUDA graphs not captured (out of GPU memory: {str(e).splitlines()[0]}); "
-                          "prefills run eagerly", stacklevel=2)
-            torch.cuda.empty_cache()
-            return
-        self.prefill_graphs = graphs
+        pool = self.graphs.pool if self.graphs is not None else None
+        self.prefill_graphs = capture_fitting(make, max_tokens, lambda graphs: graphs.capture(pool))
 
     @staticmethod
     def order(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:

@@ -20,6 +20,8 @@ the same padded forward eagerly, which is what the CPU tests check against the e
 from __future__ import annotations
 
 import bisect
+import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -127,3 +129,32 @@ class PrefillGraphs:
         else:  # not captured (no CUDA): the same padded forward, eagerly
             self._forward(b)
         return self.logits_out
+
+
+def capture_fitting(make: Callable[[int], PrefillGraphs], max_tokens: int,
+                    capture: Callable[[PrefillGraphs], None]) -> PrefillGraphs | None:
+    """make(t) captured by capture(): for max_tokens, or, out of GPU memory, for half as many tokens and so on down
+    to the smallest bucket (a warning says what was left out); None (prefills stay eager, a warning says why) if
+    nothing fits or the capture fails otherwise: the engine starts either way, with slower first tokens at worst."""
+    t = max_tokens
+    while prefill_buckets(t):
+        graphs = make(t)
+        try:
+            capture(graphs)
+        except torch.cuda.OutOfMemoryError as e:
+            del graphs
+            torch.cuda.empty_cache()
+            reason = str(e).splitlines()[0] if str(e) else "out of memory"
+            t = prefill_buckets(t // 2)[-1] if prefill_buckets(t // 2) else 0
+            if t:
+                warnings.warn(f"prefill CUDA graphs up to {max_tokens} tokens do not fit ({reason}); trying {t}",
+                              stacklevel=2)
+            continue
+        except Exception as e:  # a kernel that cannot be captured here: the eager prefill is the same math
+            warnings.warn(f"prefill CUDA graphs not captured ({type(e).__name__}: {e}); prefills run eagerly",
+                          stacklevel=2)
+            return None
+        return graphs
+    warnings.warn("prefill CUDA graphs not captured (out of GPU memory even for the smallest bucket); prefills run "
+                  "eagerly", stacklevel=2)
+    return None
