@@ -63,10 +63,13 @@ def compile_layout(layout: str, cfg: dict, arch: int):
         sig = dict(sig, WINDOW="constexpr", KSTAGES="constexpr")
         const["WINDOW"] = layout == "window"
         const["KSTAGES"] = cfg.get("KSTAGES", 0)
+    sig = dict(sig, PDL="constexpr")
+    const["PDL"] = bool(cfg.get("PDL", 0))  # (PDL=1: the programmatic-dependent-launch prologue, kernels/pdl.py)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 2)})
+                          options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 2),
+                                   **({"launch_pdl": True} if cfg.get("PDL") else {})})
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -83,7 +86,7 @@ def main() -> None:
     ap.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 (H100), 89 (RTX 4090), 80")
     ap.add_argument("--cfg", action="append",
-                    help="KEY=VALUE,... (BLOCK_N, BLOCK_K, num_warps, num_stages, EVEN_N, KSTAGES)")
+                    help="KEY=VALUE,... (BLOCK_N, BLOCK_K, num_warps, num_stages, EVEN_N, KSTAGES, PDL)")
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per config")
     ap.add_argument("--dump", help="write each config's SASS to DUMP.<layout>.<n>.sass")
     args = ap.parse_args()

@@ -160,3 +160,23 @@ def test_captured_prefill_graphs_match_the_eager_prefill(cuda_engine):
         assert abs(a.logprobs[0] - b.logprobs[0]) < 5e-2, (len(p), a.logprobs[0], b.logprobs[0])
         assert b.token_ids[:2] == a.token_ids[:2], len(p)
     assert used == [len(p) for p in prompts]
+
+
+def test_programmatic_dependent_launch_changes_no_result(cuda_engine, monkeypatch):
+    """PDL (kernels/pdl.py) only moves launches earlier; every kernel waits before reading: the same tokens and
+    log-probabilities, bit for bit, through the decode graphs and an eager mixed step (sm_90+ only)."""
+    from qwentrt.engine.kernels import pdl
+    if not pdl.TRITON_HAS_PDL or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("no programmatic dependent launch here")
+    from .test_engine import random_prompts
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    prompts = random_prompts([5, 40, 300])
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QWENTRT_PDL", flag)
+        eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
+        assert pdl.enabled(torch.device("cuda")) == (flag == "1")
+        results[flag] = [(o.token_ids, o.logprobs) for o in eng.generate(prompts, params)]
+        results[flag] += [(o.token_ids, o.logprobs) for o in eng.generate(prompts[:1], params)]
+        del eng
+    assert results["1"] == results["0"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from qwentrt.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -25,7 +27,9 @@ BLOCK = 1024
 if HAS_TRITON:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -48,5 +52,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if x2.shape[0] and inter:
         grid = (x2.shape[0], triton.cdiv(inter, BLOCK))
-        _silu_and_mul_kernel[grid](x2, out, inter, x2.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4)
+        _silu_and_mul_kernel[grid](x2, out, inter, x2.stride(0), out.stride(0), BLOCK=BLOCK, PDL=pdl.enabled(x.device),
+                                   num_warps=4, **pdl.launch_kwargs(x.device))
     return out.view(*shape[:-1], inter)

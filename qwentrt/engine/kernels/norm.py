@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from qwentrt.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -30,7 +32,8 @@ if HAS_TRITON:
     @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n_cols, eps,
                          stride_x, stride_r, stride_o, stride_ro,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -69,8 +72,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h2, n, float(eps),
                                          x2.stride(0), r2.stride(0), out.stride(0), h2.stride(0),
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                         num_warps=min(16, max(1, block // 512)))
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl.enabled(x.device),
+                                         num_warps=min(16, max(1, block // 512)), **pdl.launch_kwargs(x.device))
     return out.view(shape), (x if residual is None else h2.view(shape))
 
 

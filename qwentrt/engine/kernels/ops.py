@@ -13,6 +13,7 @@ from qwentrt.engine.kernels import activation as _activation
 from qwentrt.engine.kernels import kv_write as _kv_write
 from qwentrt.engine.kernels import norm as _norm
 from qwentrt.engine.kernels import paged_attention as _paged_attention
+from qwentrt.engine.kernels import pdl as _pdl
 from qwentrt.engine.kernels import qk_norm_rope_write_kv as _qk_norm_rope_write_kv
 from qwentrt.engine.kernels.prefill_attention import prefill_attention as _prefill_attention
 from qwentrt.engine.kernels import reference
@@ -27,6 +28,7 @@ _configs: dict[str, Any] = {}
 def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.clear()
     _configs.update(kernel_configs or {})
+    _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,6 +48,8 @@ import os
 
 import torch
 
+from qwentrt.engine.kernels import pdl
+
 from qwentrt.engine.kernels import reference
 
 try:
@@ -164,10 +166,11 @@ if HAS_TRITON:
         GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUPS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
         PARTITIONS_PAD: tl.constexpr, KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, COMPUTE_F16: tl.constexpr = False,
+        DOT_PRECISION: tl.constexpr, COMPUTE_F16: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """One (sequence, KV head, partition): online softmax over the partition's pages; the partition of
         the sequence to finish last reduces them all. qk_scale = softmax scale * k_scale * log2(e)."""
+        pdl.start(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
@@ -318,8 +321,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
         PARTITIONS_PAD=triton.next_power_of_2(num_partitions), KV_FP8=kv_fp8, SINGLE_PARTITION=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not compute_f16 else "tf32",  # (unused by 16-bit dots)
-        COMPUTE_F16=bool(compute_f16),
-        num_warps=num_warps, num_stages=num_stages,
+        COMPUTE_F16=bool(compute_f16), PDL=pdl.enabled(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(q.device),
     )
     return out
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from qwentrt.engine.kernels import pdl
+
 from qwentrt.quant.kv import FP8_E4M3_MAX
 
 try:
@@ -43,8 +45,9 @@ if HAS_TRITON:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_cs,
         stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl.start(PDL)
         t = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
         out_ty = q_out_ptr.dtype.element_ty  # k's normed dtype too (the wrapper checks)
@@ -119,6 +122,7 @@ def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=half, BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), num_warps=4,
+        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), PDL=pdl.enabled(q.device), num_warps=4,
+        **pdl.launch_kwargs(q.device),
     )
     return q_out

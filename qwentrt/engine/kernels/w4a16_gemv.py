@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from qwentrt.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -49,10 +51,23 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _pdl_prologue(qw_ptr, stride_qw, row0, word0, N, GROUP: tl.constexpr, PN: tl.constexpr, PDL: tl.constexpr):
+        """Under PDL (pdl.py), before the kernel before this one has finished: ask L2 for this program's first group
+        of weight rows (one prefetch per 128-byte line; weights are never written by a step), let the next kernel
+        launch, then wait for the one before. Everything after reads what earlier kernels wrote."""
+        if PDL:
+            LINES: tl.constexpr = PN // 32 if PN >= 32 else 1
+            cols = tl.minimum(word0 + tl.arange(0, LINES) * 32, N // 8 - 1)
+            rows = row0 + tl.arange(0, GROUP)
+            pdl.prefetch_l2(qw_ptr + rows[:, None] * stride_qw + cols[None, :], PDL)
+            pdl.launch_dependents(PDL)
+            pdl.wait(PDL)
+
+    @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                            stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SILU_MUL: tl.constexpr = False):
+                           SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -69,6 +84,7 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K  # this split's run of whole groups
         g1 = (pid_k + 1) * n_groups // SPLIT_K
+        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL)
         out = tl.zeros([PN, 2, 4], tl.float32)
         for g in range(g0, g1):
             acc = tl.zeros([BLOCK_K, PN, 2, 4], tl.float32)
@@ -244,7 +260,7 @@ if triton is not None:
                                  stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
                                  EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
-                                 KSTAGES: tl.constexpr = 0):
+                                 KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -255,6 +271,7 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K
         g1 = (pid_k + 1) * n_groups // SPLIT_K
+        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL)
         o0 = tl.zeros([PN], tl.float32)
         o1 = tl.zeros([PN], tl.float32)
         o2 = tl.zeros([PN], tl.float32)
@@ -383,12 +400,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                                        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
                                        EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
-                                       KSTAGES=cfg.get("KSTAGES", 0),
+                                       KSTAGES=cfg.get("KSTAGES", 0), PDL=pdl.enabled(x.device),
+                                       **pdl.launch_kwargs(x.device),
                                        num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
         return out
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
-                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, num_warps=cfg["num_warps"],
-                             num_stages=cfg["num_stages"])
+                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, PDL=pdl.enabled(x.device),
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs(x.device))
     return out
