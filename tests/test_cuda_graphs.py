@@ -46,3 +46,35 @@ def test_staged_block_tables_are_written_incrementally_and_stay_exact():
     ids = torch.tensor([5, ~1, 7, ~0])
     from qwentrt.engine.inflight import resolve_placeholders
     assert resolve_placeholders(ids, torch.tensor([40, 41])).tolist() == [5, 41, 7, 40]
+
+
+def test_capture_sizes_captures_largest_first_into_one_pool(monkeypatch):
+    """The capture loop both graph kinds share (decode, prefill), with torch's CUDA-graph calls faked on the CPU:
+    a warm-up run then a capture per size, largest first, every capture after the first in the first's pool (or
+    in the pool given)."""
+    import contextlib
+
+    import torch
+
+    from qwentrt.engine.cuda_graphs import capture_sizes
+    events = []
+
+    class FakeGraph:
+        def pool(self):
+            return ("pool", id(self))
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        events.append(("capture", pool))
+        yield
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    graphs = {}
+    pool = capture_sizes([1, 8, 4], lambda size: events.append(("run", size)), graphs)
+    assert sorted(graphs) == [1, 4, 8] and pool == graphs[8].pool()
+    assert events == [("run", 8), ("capture", None), ("run", 8), ("run", 4), ("capture", pool), ("run", 4),
+                      ("run", 1), ("capture", pool), ("run", 1)]
+    events.clear()
+    capture_sizes([32], lambda size: None, {}, pool="shared")
+    assert events == [("capture", "shared")]

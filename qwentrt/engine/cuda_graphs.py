@@ -120,17 +120,7 @@ class DecodeGraphs:
         K/V written, zero attention), so capturing leaves the cache untouched."""
         self.inputs.zero_()
         self.inputs[2].fill_(-1)
-        pool = None
-        for bs in reversed(self.sizes):
-            self._forward(bs)  # warm-up: compiles the Triton kernels, sizes the allocations
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
-        self.pool = pool  # (the prefill graphs share it: prefill_graphs.py)
+        self.pool = capture_sizes(self.sizes, self._forward, self.graphs)  # (the prefill graphs share it)
 
     def can_run(self, num_seqs: int, max_pages: int) -> bool:
         return 0 < num_seqs <= self.max_batch_size and max_pages <= self.max_pages
@@ -160,6 +150,21 @@ class DecodeGraphs:
             self.prev_tokens[:len(prev_tokens)].copy_(prev_tokens, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits_out[:n]
+
+
+def capture_sizes(sizes: list[int], forward, graphs: dict[int, torch.cuda.CUDAGraph], pool=None):
+    """Capture forward(size) for every size, largest first, into graphs[size], all in one memory pool (`pool`, or
+    a new one); -> the pool. Each capture follows an eager warm-up run (Triton compiles, allocations sized)."""
+    for size in sorted(sizes, reverse=True):
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            forward(size)
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return pool
 
 
 def pad_tables(tables: list[list[int]]) -> np.ndarray:

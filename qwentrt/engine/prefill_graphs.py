@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qwentrt.engine.cuda_graphs import capture_sizes
 from qwentrt.engine.kernels.prefill_attention import PrefillBatch
 from qwentrt.engine.model import AttentionMetadata, Qwen3Model
 
@@ -82,15 +83,7 @@ class PrefillGraphs:
         t = self.max_tokens
         self.inputs.zero_()
         self.inputs[t:2 * t].fill_(-1)
-        for b in reversed(self.sizes):
-            self._forward(b)  # warm-up: compiles the kernels for this row count, sizes the allocations
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(b)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
+        capture_sizes(self.sizes, self._forward, self.graphs, pool)
 
     def can_run(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.max_tokens
