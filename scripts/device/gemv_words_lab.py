@@ -23,7 +23,7 @@ sys.path.insert(0, "scripts/device")
 from gemv_lab import random_awq  # noqa: E402  (fresh random AutoAWQ-layout weights)
 
 from qwentrt.engine.kernels import reference  # noqa: E402
-from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, w4a16_gemv  # noqa: E402
 from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}
@@ -31,7 +31,8 @@ def _env(name: str, default: str) -> list[str]:
     return os.environ.get(name, default).split(";")
 
 
-# LAB_LAYOUTS, LAB_KSTAGES, LAB_TILES (BLOCK_N,BLOCK_K,num_warps;...), LAB_SPLITS narrow or widen the sweep
+# LAB_LAYOUTS, LAB_KSTAGES, LAB_TILES (BLOCK_N,BLOCK_K,num_warps;...), LAB_SPLITS narrow or widen the sweep;
+# LAB_FENCE=0 skips timing the lanes and best configs without the split-K counter's fence
 WORDS = [{"BLOCK_N": int(bn), "BLOCK_K": int(bk), "SPLIT_K": int(sk), "num_warps": int(nw), "num_stages": 2,
           "LAYOUT": layout, "KSTAGES": int(ks)}
          for layout, ks, (bn, bk, nw), sk in itertools.product(
@@ -70,13 +71,25 @@ def main() -> None:
                   flush=True)
             if ms < best_ms:
                 best, best_ms = c, ms
+        fence = ""
+        if os.environ.get("LAB_FENCE", "1") == "1":  # what the split-K counter's acq_rel fence costs (timing only:
+            # without it a sum may be read before every split's part arrived)
+            relaxed = time_in_graph(lambda: [w4a16_gemv(x, *w, group, lanes, _lab_relaxed_counter=True)
+                                             for w in ws], replays=20) / copies
+            fence = f", lanes without the counter's fence {relaxed * 1e3:6.1f} us"
+            if best is not None:
+                relaxed = time_in_graph(lambda: [w4a16_gemv(x, *w, group, best, _lab_relaxed_counter=True)
+                                                 for w in ws], replays=20) / copies
+                fence += f", best words-family without it {relaxed * 1e3:6.1f} us"
+            for t in split_k_workspace(dev):  # (a part that arrived after its tile was read and cleared)
+                t.zero_()
         nbytes = n * k // 2 + (k // group) * n * 2.5
         totals["lanes"] += t_lanes
         totals["words"] += min(best_ms, t_lanes)
         if best_ms < t_lanes:
             winners[f"{n}x{k}"] = best
         print(f"{name:>7} {n}x{k}: lanes {t_lanes * 1e3:6.1f} us ({nbytes / t_lanes / 1e6:5.0f} GB/s), words "
-              f"{best_ms * 1e3:6.1f} us ({nbytes / best_ms / 1e6:5.0f} GB/s) {best}", flush=True)
+              f"{best_ms * 1e3:6.1f} us ({nbytes / best_ms / 1e6:5.0f} GB/s) {best}{fence}", flush=True)
     print(f"== 36 layers' linears at 1 token: lanes {totals['lanes'] * 36:.3f} ms, best of both "
           f"{totals['words'] * 36:.3f} ms", flush=True)
     print("w4a16_gemv entries where words wins:", json.dumps(winners), flush=True)

@@ -67,7 +67,8 @@ if triton is not None:
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                            stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False):
+                           SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
+                           COUNTER_SEM: tl.constexpr = "acq_rel"):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -113,7 +114,7 @@ if triton is not None:
             tile = m * tl.num_programs(1) + pid_n
             tl.debug_barrier()  # every thread's adds are issued before the count goes up
             # acq_rel: this program's partial sums are visible before the count, and the last one sees all
-            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
             if done == SPLIT_K - 1:
                 # read through the atomic unit (L2): the sum of every split; then leave zeros for the next call
                 total = tl.atomic_add(ws_ptrs, tl.zeros([PN, 2, 4], dtype=tl.float32), mask=cmask, sem="relaxed")
@@ -260,7 +261,8 @@ if triton is not None:
                                  stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
                                  EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
-                                 KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False):
+                                 KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
+                                 COUNTER_SEM: tl.constexpr = "acq_rel"):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -334,7 +336,7 @@ if triton is not None:
             tl.atomic_add(ws_ptr + m * N + cols, out, mask=cmask, sem="relaxed")
             tile = m * tl.num_programs(1) + pid_n
             tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
             if done == SPLIT_K - 1:
                 zero = tl.zeros([PN, 8], tl.float32)
                 total = tl.atomic_add(ws_ptr + m * N + cols, zero, mask=cmask, sem="relaxed")
@@ -361,9 +363,12 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
+               group_size: int, config: dict | None = None, silu_mul: bool = False,
+               _lab_relaxed_counter: bool = False) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype. Meant for M of 1 to a few: each row is its own program.
-    silu_mul: x is [M, 2K] (gate | up) and the product is silu(gate) * up (activation.silu_and_mul) times W."""
+    silu_mul: x is [M, 2K] (gate | up) and the product is silu(gate) * up (activation.silu_and_mul) times W.
+    _lab_relaxed_counter: labs only, never the engine: the split-K tile counter without its acq_rel fence
+    (MEMBAR.ALL.GPU), which may return a sum before every split's part arrived: it times what the fence costs."""
     if triton is None:
         raise RuntimeError("the W4A16 GEMV kernel needs the triton package")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
@@ -401,6 +406,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
                                        EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
                                        KSTAGES=cfg.get("KSTAGES", 0), PDL=pdl.enabled(x.device),
+                                       COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
                                        **pdl.launch_kwargs(x.device),
                                        num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
@@ -408,5 +414,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, PDL=pdl.enabled(x.device),
+                             COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs(x.device))
     return out
