@@ -49,10 +49,11 @@ def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
     from qwentrt.engine.kernels import w4a16_gemv as g
     if layout == "lanes":
         fn, sig = g._w4a16_gemv_kernel, GEMV_ARGS
-        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False}
+        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel"}
     else:
         fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
-        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0}
+        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
+                 "COUNTER_SEM": "acq_rel"}
     on = _ptx(fn, sig, dict(const, PDL=True), True)
     off = _ptx(fn, sig, dict(const, PDL=False), False)
     assert "griddepcontrol" not in off and "prefetch.global.L2" not in off
