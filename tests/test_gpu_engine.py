@@ -183,3 +183,35 @@ def test_programmatic_dependent_launch_changes_no_result(cuda_engine, monkeypatc
     for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results["1"], results["0"]):
         assert tokens_on[:4] == tokens_off[:4]
         assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2
+
+
+@pytest.mark.parametrize("layout", ["lanes", "window"])
+def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout):
+    """w4a16_gemv_deferred (w4a16_gemv.SplitKSums): the o / gate_up / down GEMVs leave float32 sums for the norm and
+    the SiLU-mul to finish; the same tokens and log-probabilities as the GEMV's own split-K, through the decode
+    graphs and eager steps, and the workspace zero after."""
+    import shutil
+
+    from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace
+    from .test_engine import random_prompts
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    prompts = random_prompts([1, 2, 40])
+    results = {}
+    for deferred in (False, True):
+        d = tmp_path / f"e{int(deferred)}"
+        shutil.copytree(cuda_engine, d)
+        cfg = json.loads((d / "engine.json").read_text())
+        cfg["kernels"].update({"w4a16_gemv_max_tokens": 2, "w4a16_gemv_deferred": deferred,
+                               "w4a16_gemv": {"default": {"BLOCK_N": 128 if layout == "lanes" else 256, "BLOCK_K": 8,
+                                                          "SPLIT_K": 4, "num_warps": 1, "num_stages": 2,
+                                                          "LAYOUT": layout}}})
+        (d / "engine.json").write_text(json.dumps(cfg))
+        eng = LLMEngine(d, device="cuda", num_blocks=256)
+        results[deferred] = [(o.token_ids, o.logprobs) for o in eng.generate(prompts, params)]
+        torch.cuda.synchronize()
+        ws, counts = split_k_workspace(torch.device("cuda"))
+        assert not ws.any() and not counts.any()
+        del eng
+    for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results[True], results[False]):
+        assert tokens_on[:4] == tokens_off[:4]
+        assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2

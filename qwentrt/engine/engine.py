@@ -21,6 +21,7 @@ from qwentrt.engine import memory_plan
 from qwentrt.engine.detokenizer import IncrementalDetokenizer
 from qwentrt.engine.prompt_encoder import PromptEncoder
 from qwentrt.engine.inflight import InFlightStep
+from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces
 from qwentrt.engine.model_runner import ModelRunner
 from qwentrt.engine.sampler import Sampler
 from qwentrt.engine.scheduler import ScheduledSeq, Scheduler
@@ -346,6 +347,7 @@ class LLMEngine:
         self.num_step_faults += 1
         self.consecutive_step_faults += 1
         self.last_step_fault = f"{type(fault).__name__}: {fault}"
+        reset_split_k_workspaces()  # (a step stopped part-way may leave a GEMV's sums behind for the next one)
         outputs = []
         for seq in seqs:
             if not seq.is_finished:

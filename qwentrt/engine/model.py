@@ -47,6 +47,9 @@ class Linear(nn.Module):
         super().__init__()
         self.group_size = group_size
         self.quantized = weight is None
+        # the output may stay float32 split-K sums for the next kernel (ops.awq_linear): set where that kernel is
+        # fused_add_rms_norm or silu_and_mul
+        self.deferred = False
         if self.quantized:
             self.register_buffer("qweight", qweight)
             self.register_buffer("qzeros", qzeros)
@@ -60,7 +63,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
-            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size)
+            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.deferred)
         return x @ self.weight.t()
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -88,6 +91,7 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(**tensors["self_attn.o_proj"], group_size=group_size)
         self.gate_up_proj = Linear.fused([tensors["mlp.gate_proj"], tensors["mlp.up_proj"]], group_size)
         self.down_proj = Linear(**tensors["mlp.down_proj"], group_size=group_size)
+        self.o_proj.deferred = self.gate_up_proj.deferred = True  # (-> fused_add_rms_norm, silu_and_mul)
         for name in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             self.register_buffer(name.split(".")[-1], tensors[name]["weight"])
         self.scale = cfg.head_dim ** -0.5

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from qwentrt.engine.kernels import pdl
+from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
 
 try:
     import triton
@@ -32,12 +33,16 @@ if HAS_TRITON:
     @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n_cols, eps,
                          stride_x, stride_r, stride_o, stride_ro,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                         X_SUMS: tl.constexpr = False):
         pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if X_SUMS:  # a GEMV's float32 split-K sums: as it would have stored them, and the workspace cleared
+            h = h.to(residual_out_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * stride_x + cols, tl.zeros([BLOCK], tl.float32), mask=mask)
         if HAS_RESIDUAL:
             r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
             h = (r.to(tl.float32) + h.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
@@ -59,12 +64,18 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     if not HAS_TRITON:
         raise RuntimeError("the RMSNorm Triton kernel needs the triton package")
+    sums = isinstance(x, SplitKSums)  # (with a residual: the new residual is where the rounded sums go)
+    if sums and residual is None:
+        x, sums = x.materialize(), False
+    x_dtype = x.dtype
+    if sums:
+        x = x.sums
     shape, n = x.shape, x.shape[-1]
     assert weight.shape == (n,) and n <= MAX_COLS, "one row per program: N up to 64K"
     assert residual is None or residual.shape == shape
     x2 = _rows(x)
     r2 = x2 if residual is None else _rows(residual)
-    h_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+    h_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x_dtype)
     h2 = x2 if residual is None else torch.empty(x2.shape, dtype=h_dtype, device=x.device)  # the new residual
     weight = weight.contiguous()
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, h_dtype), device=x.device)
@@ -73,6 +84,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h2, n, float(eps),
                                          x2.stride(0), r2.stride(0), out.stride(0), h2.stride(0),
                                          HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl.enabled(x.device),
+                                         X_SUMS=sums,
                                          num_warps=min(16, max(1, block // 512)), **pdl.launch_kwargs(x.device))
     return out.view(shape), (x if residual is None else h2.view(shape))
 

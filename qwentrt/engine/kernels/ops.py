@@ -21,6 +21,7 @@ from qwentrt.engine.kernels import rope as _rope
 from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (re-exported: built once, at load)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 from qwentrt.engine.kernels.w4a16 import awq_linear_silu_mul as _awq_linear_silu_mul
+from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
 
 _configs: dict[str, Any] = {}
 
@@ -53,9 +54,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(residual + x), residual + x); the inputs are not modified."""
+    """(rms_norm(residual + x), residual + x); the inputs are not modified (x may be a GEMV's SplitKSums: read and
+    cleared)."""
+    if isinstance(x, SplitKSums) and residual is None:
+        x = x.materialize()
     if _norm.HAS_TRITON and x.is_cuda and x.shape[-1] <= _norm.MAX_COLS:
         return _norm.fused_add_rms_norm(x, residual, weight, eps)
+    if isinstance(x, SplitKSums):
+        x = x.materialize()
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -82,22 +88,28 @@ def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x may be a GEMV's SplitKSums (read and cleared)."""
     if _activation.HAS_TRITON and x.is_cuda:
         return _activation.silu_and_mul(x)
+    if isinstance(x, SplitKSums):
+        x = x.materialize()
     return reference.silu_and_mul(x)
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int) -> torch.Tensor:
-    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs)
+               group_size: int, deferred: bool = False):
+    """deferred: the output goes to fused_add_rms_norm or silu_and_mul, which take a SplitKSums (w4a16_gemv.py)."""
+    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs, deferred)
 
 
 def awq_linear_of_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                            scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """awq_linear(silu_and_mul(gate_up)): one launch where the GEMV runs (a few tokens on CUDA), else the two."""
+    if isinstance(gate_up, SplitKSums):
+        return awq_linear(silu_and_mul(gate_up), qweight, qzeros, scales, group_size, deferred=True)
     out = _awq_linear_silu_mul(gate_up, qweight, qzeros, scales, group_size, _configs)
     if out is None:
-        out = awq_linear(silu_and_mul(gate_up), qweight, qzeros, scales, group_size)
+        out = awq_linear(silu_and_mul(gate_up), qweight, qzeros, scales, group_size, deferred=True)
     return out
 
 

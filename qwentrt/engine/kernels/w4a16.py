@@ -295,9 +295,11 @@ def decode_config(configs: dict, m: int, n: int, k: int) -> dict | None:
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, configs: dict | None = None) -> torch.Tensor:
+               group_size: int, configs: dict | None = None, deferred: bool = False):
     """The engine's W4A16 linear on CUDA: the Triton GEMM below `w4a16_prefill_min_tokens` tokens, the
-    Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU."""
+    Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU. deferred: the caller's
+    consumer takes a SplitKSums (w4a16_gemv.py), returned where the GEMV runs split and the engine's configs
+    say `w4a16_gemv_deferred: true`."""
     configs = configs or {}
     if x.device.type != "cuda" or triton is None:
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
@@ -307,7 +309,8 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     n, k = scales.shape[1], qweight.shape[0]
     gemv = gemv_config(configs, m, n, k, group_size)
     if gemv is not None:
-        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv)
+        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv,
+                          deferred=deferred and configs.get("w4a16_gemv_deferred", False))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
 

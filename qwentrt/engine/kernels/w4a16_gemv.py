@@ -30,6 +30,8 @@ device (zero between calls), which also makes the kernel CUDA-graph safe.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qwentrt.engine.kernels import pdl
@@ -68,7 +70,7 @@ if triton is not None:
                            stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
-                           COUNTER_SEM: tl.constexpr = "acq_rel"):
+                           COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -111,16 +113,17 @@ if triton is not None:
         else:
             ws_ptrs = ws_ptr + m * N + cols
             tl.atomic_add(ws_ptrs, out, mask=cmask, sem="relaxed")
-            tile = m * tl.num_programs(1) + pid_n
-            tl.debug_barrier()  # every thread's adds are issued before the count goes up
-            # acq_rel: this program's partial sums are visible before the count, and the last one sees all
-            done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
-            if done == SPLIT_K - 1:
-                # read through the atomic unit (L2): the sum of every split; then leave zeros for the next call
-                total = tl.atomic_add(ws_ptrs, tl.zeros([PN, 2, 4], dtype=tl.float32), mask=cmask, sem="relaxed")
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=cmask)
-                tl.store(ws_ptrs, tl.zeros([PN, 2, 4], dtype=tl.float32), mask=cmask)
-                tl.store(count_ptr + tile, 0)
+            if not DEFERRED:  # (DEFERRED: the next kernel reads the sums and clears them; no counter, no fence)
+                tile = m * tl.num_programs(1) + pid_n
+                tl.debug_barrier()  # every thread's adds are issued before the count goes up
+                # acq_rel: this program's partial sums are visible before the count, and the last one sees all
+                done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
+                if done == SPLIT_K - 1:
+                    # read through the atomic unit (L2): the sum of every split; then leave zeros for the next call
+                    total = tl.atomic_add(ws_ptrs, tl.zeros([PN, 2, 4], dtype=tl.float32), mask=cmask, sem="relaxed")
+                    tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(ws_ptrs, tl.zeros([PN, 2, 4], dtype=tl.float32), mask=cmask)
+                    tl.store(count_ptr + tile, 0)
 
 
 if triton is not None:
@@ -262,7 +265,7 @@ if triton is not None:
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
                                  EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
                                  KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
-                                 COUNTER_SEM: tl.constexpr = "acq_rel"):
+                                 COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -334,15 +337,16 @@ if triton is not None:
             tl.store(y_ptr + m * stride_ym + cols, out.to(y_ptr.dtype.element_ty), mask=cmask)
         else:  # the split-K protocol of the kernel above: atomics, a counter per tile, the last split writes y
             tl.atomic_add(ws_ptr + m * N + cols, out, mask=cmask, sem="relaxed")
-            tile = m * tl.num_programs(1) + pid_n
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
-            if done == SPLIT_K - 1:
-                zero = tl.zeros([PN, 8], tl.float32)
-                total = tl.atomic_add(ws_ptr + m * N + cols, zero, mask=cmask, sem="relaxed")
-                tl.store(y_ptr + m * stride_ym + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
-                tl.store(ws_ptr + m * N + cols, zero, mask=cmask)
-                tl.store(count_ptr + tile, 0)
+            if not DEFERRED:
+                tile = m * tl.num_programs(1) + pid_n
+                tl.debug_barrier()
+                done = tl.atomic_add(count_ptr + tile, 1, sem=COUNTER_SEM)
+                if done == SPLIT_K - 1:
+                    zero = tl.zeros([PN, 8], tl.float32)
+                    total = tl.atomic_add(ws_ptr + m * N + cols, zero, mask=cmask, sem="relaxed")
+                    tl.store(y_ptr + m * stride_ym + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(ws_ptr + m * N + cols, zero, mask=cmask)
+                    tl.store(count_ptr + tile, 0)
 
 
 # H100 winners per shape are in scripts/device/h100_kernels.json; this is a safe middle for any shape
@@ -351,6 +355,43 @@ _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 WORKSPACE_FLOATS = 1 << 22  # 16 MiB: M * N of the largest call (e.g. 16 tokens x 262,144 columns)
 MAX_TILES = 1 << 16
 MAGIC_2_23 = 0x4B000000  # the float 2^23's bits (the words kernel's magic, passed as a value)
+
+
+@dataclass
+class SplitKSums:
+    """A GEMV's output left in the split-K workspace as float32 sums ("deferred", `w4a16_gemv_deferred`): the GEMV's
+    programs only add their parts (no tile counter, so no acq_rel fence at the end of every program), and the kernel
+    that consumes the output (the residual-add + RMSNorm, the SiLU-mul) reads the sums, rounds them to `dtype` as
+    the GEMV would have stored them (the results do not change) and stores zeros back, which the workspace must hold
+    when the next GEMV starts. Anything else that gets one calls `materialize()`."""
+    sums: torch.Tensor  # [M, N] float32, a view of the workspace
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.sums.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.sums.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.sums.is_cuda
+
+    def materialize(self) -> torch.Tensor:
+        """The output as a tensor in `dtype`; the workspace cleared."""
+        out = self.sums.to(self.dtype)
+        self.sums.zero_()
+        return out
+
+
+def reset_split_k_workspaces() -> None:
+    """Zero every device's workspace and counters: after a step that failed part-way (a consumer that never ran
+    leaves its sums behind)."""
+    for ws, counts in _workspaces.values():
+        ws.zero_()
+        counts.zero_()
 
 
 def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,11 +405,12 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, config: dict | None = None, silu_mul: bool = False,
-               _lab_relaxed_counter: bool = False) -> torch.Tensor:
+               _lab_relaxed_counter: bool = False, deferred: bool = False) -> torch.Tensor | SplitKSums:
     """x [M, K] -> [M, N] in x's dtype. Meant for M of 1 to a few: each row is its own program.
     silu_mul: x is [M, 2K] (gate | up) and the product is silu(gate) * up (activation.silu_and_mul) times W.
     _lab_relaxed_counter: labs only, never the engine: the split-K tile counter without its acq_rel fence
-    (MEMBAR.ALL.GPU), which may return a sum before every split's part arrived: it times what the fence costs."""
+    (MEMBAR.ALL.GPU), which may return a sum before every split's part arrived: it times what the fence costs.
+    deferred: with a split K, return the workspace's float32 sums as a SplitKSums for the next kernel to finish."""
     if triton is None:
         raise RuntimeError("the W4A16 GEMV kernel needs the triton package")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
@@ -397,6 +439,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     ws, counts = split_k_workspace(x.device)
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
+    deferred = deferred and split > 1
+    if deferred:
+        out = torch.empty((0, n), dtype=x.dtype, device=x.device)  # (not written)
     layout = cfg.get("LAYOUT", "lanes")
     if layout not in ("lanes", "words", "window"):
         raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
@@ -406,14 +451,14 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
                                        EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
                                        KSTAGES=cfg.get("KSTAGES", 0), PDL=pdl.enabled(x.device),
-                                       COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
+                                       COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel", DEFERRED=deferred,
                                        **pdl.launch_kwargs(x.device),
                                        num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
-        return out
+        return SplitKSums(ws[:m * n].view(m, n), x.dtype) if deferred else out
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, PDL=pdl.enabled(x.device),
-                             COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
+                             COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel", DEFERRED=deferred,
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs(x.device))
-    return out
+    return SplitKSums(ws[:m * n].view(m, n), x.dtype) if deferred else out
