@@ -63,7 +63,8 @@ def compile_layout(layout: str, cfg: dict, arch: int):
         sig = dict(sig, WINDOW="constexpr", KSTAGES="constexpr")
         const["WINDOW"] = layout == "window"
         const["KSTAGES"] = cfg.get("KSTAGES", 0)
-    sig = dict(sig, PDL="constexpr", COUNTER_SEM="constexpr")
+    sig = dict(sig, PDL="constexpr", COUNTER_SEM="constexpr", DEFERRED="constexpr")
+    const["DEFERRED"] = bool(cfg.get("DEFERRED", 0))
     const["COUNTER_SEM"] = "relaxed" if cfg.get("RELAXED") else "acq_rel"
     const["PDL"] = bool(cfg.get("PDL", 0))  # (PDL=1: the programmatic-dependent-launch prologue, kernels/pdl.py)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}

@@ -49,11 +49,12 @@ def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
     from qwentrt.engine.kernels import w4a16_gemv as g
     if layout == "lanes":
         fn, sig = g._w4a16_gemv_kernel, GEMV_ARGS
-        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel"}
+        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel",
+                 "DEFERRED": False}
     else:
         fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
         const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
-                 "COUNTER_SEM": "acq_rel"}
+                 "COUNTER_SEM": "acq_rel", "DEFERRED": False}
     on = _ptx(fn, sig, dict(const, PDL=True), True)
     off = _ptx(fn, sig, dict(const, PDL=False), False)
     assert "griddepcontrol" not in off and "prefetch.global.L2" not in off
@@ -68,7 +69,7 @@ def test_small_kernels_wait_first_under_pdl():
     sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
            "residual_out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32",
            "stride_o": "i32", "stride_ro": "i32"}
-    const = {"HAS_RESIDUAL": True, "BLOCK": 4096}
+    const = {"HAS_RESIDUAL": True, "BLOCK": 4096, "X_SUMS": False}
     on = _ptx(norm._rms_norm_kernel, sig, dict(const, PDL=True), True)
     assert "griddepcontrol" not in _ptx(norm._rms_norm_kernel, sig, dict(const, PDL=False), False)
     wait = on.index("griddepcontrol.wait")
