@@ -16,7 +16,7 @@ def test_pdl_is_off_unless_the_engine_or_the_environment_asks(monkeypatch):
     assert not pdl._wanted["on"]
     pdl.configure({"pdl": True})
     assert pdl._wanted["on"]
-    assert not pdl.enabled(torch.device("cpu")) and pdl.launch_kwargs(torch.device("cpu")) == {}
+    assert not pdl.enabled(torch.device("cpu")) and pdl.launch_kwargs(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv("QWENTRT_PDL", "0")
     pdl.configure({"pdl": True})
     assert not pdl._wanted["on"]

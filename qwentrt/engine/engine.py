@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from qwentrt.config import EngineConfig, SamplingParams
-from qwentrt.engine.block_manager import BlockManager
 from qwentrt.engine import memory_plan
+from qwentrt.engine.block_manager import BlockManager
 from qwentrt.engine.detokenizer import IncrementalDetokenizer
 from qwentrt.engine.prompt_encoder import PromptEncoder
 from qwentrt.engine.inflight import InFlightStep
@@ -83,7 +83,8 @@ class LLMEngine:
             prefill_graphs = self.device.type == "cuda" and cuda_graphs and \
                 os.environ.get("QWENTRT_PREFILL_GRAPHS", "1") != "0"
         if prefill_graphs:
-            self.runner.capture_prefill_graphs(min(memory_plan.PREFILL_GRAPH_TOKENS, self.max_num_tokens, self.max_seq_len))
+            self.runner.capture_prefill_graphs(min(memory_plan.PREFILL_GRAPH_TOKENS, self.max_num_tokens,
+                                                   self.max_seq_len))
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.kv_cache.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_tokens, self.max_batch_size, max_prefill_chunk)
         from tokenizers import Tokenizer

@@ -91,7 +91,9 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(**tensors["self_attn.o_proj"], group_size=group_size)
         self.gate_up_proj = Linear.fused([tensors["mlp.gate_proj"], tensors["mlp.up_proj"]], group_size)
         self.down_proj = Linear(**tensors["mlp.down_proj"], group_size=group_size)
-        self.o_proj.deferred = self.gate_up_proj.deferred = True  # (-> fused_add_rms_norm, silu_and_mul)
+        # their outputs go to fused_add_rms_norm / silu_and_mul (down's, through ops.awq_linear_of_silu_mul, to the
+        # next layer's fused_add_rms_norm)
+        self.o_proj.deferred = self.gate_up_proj.deferred = True
         for name in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             self.register_buffer(name.split(".")[-1], tensors[name]["weight"])
         self.scale = cfg.head_dim ** -0.5

@@ -45,7 +45,7 @@ def candidate_configs(bucket: int) -> list[dict[str, int]]:
 
 def gemv_candidates() -> list[dict[str, Any]]:
     """GEMV tiles (BLOCK_N columns x BLOCK_K rows per step, a split owning whole groups; SPLIT_K is clamped
-    to the number of groups, so the large ones mean "one group per program"), in both layouts of w4a16_gemv.py:
+    to the number of groups, so the large ones mean "one group per program"), in the three layouts of w4a16_gemv.py:
     "lanes" (a word's nibbles on 8 threads), "words" (each thread owns whole words; fewer instructions per
     nibble) and "window" (words with one LOP3 + one FFMA per nibble)."""
     lanes = ((128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (256, 16, 2), (256, 32, 2), (512, 32, 4))

@@ -65,6 +65,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=dtype, device=x.device)
     if x2.shape[0] and inter:
         grid = (x2.shape[0], triton.cdiv(inter, BLOCK))
-        _silu_and_mul_kernel[grid](x2, out, inter, x2.stride(0), out.stride(0), BLOCK=BLOCK, PDL=pdl.enabled(x.device),
-                                   X_SUMS=sums, num_warps=4, **pdl.launch_kwargs(x.device))
+        _silu_and_mul_kernel[grid](x2, out, inter, x2.stride(0), out.stride(0), BLOCK=BLOCK, X_SUMS=sums, num_warps=4,
+                                   **pdl.launch_kwargs(x.device))
     return out.view(*shape[:-1], inter)

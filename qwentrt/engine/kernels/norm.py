@@ -83,8 +83,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h2, n, float(eps),
                                          x2.stride(0), r2.stride(0), out.stride(0), h2.stride(0),
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl.enabled(x.device),
-                                         X_SUMS=sums,
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, X_SUMS=sums,
                                          num_warps=min(16, max(1, block // 512)), **pdl.launch_kwargs(x.device))
     return out.view(shape), (x if residual is None else h2.view(shape))
 

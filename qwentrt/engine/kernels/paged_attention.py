@@ -48,9 +48,7 @@ import os
 
 import torch
 
-from qwentrt.engine.kernels import pdl
-
-from qwentrt.engine.kernels import reference
+from qwentrt.engine.kernels import pdl, reference
 
 try:
     import triton
@@ -321,8 +319,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
         PARTITIONS_PAD=triton.next_power_of_2(num_partitions), KV_FP8=kv_fp8, SINGLE_PARTITION=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not compute_f16 else "tf32",  # (unused by 16-bit dots)
-        COMPUTE_F16=bool(compute_f16), PDL=pdl.enabled(q.device),
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(q.device),
+        COMPUTE_F16=bool(compute_f16), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(q.device),
     )
     return out
 

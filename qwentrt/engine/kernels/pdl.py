@@ -59,8 +59,9 @@ def enabled(device: torch.device) -> bool:
 
 
 def launch_kwargs(device: torch.device) -> dict:
-    """The extra launch keyword for a kernel with a PDL constexpr: `launch_pdl=True` where enabled, else none."""
-    return {"launch_pdl": True} if enabled(device) else {}
+    """A kernel's launch keywords for PDL: its `PDL` constexpr, and `launch_pdl` where enabled (one check a launch:
+    `kernel[grid](..., **pdl.launch_kwargs(x.device))`)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
 
 
 if TRITON_HAS_PDL:

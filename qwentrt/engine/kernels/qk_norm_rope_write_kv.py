@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from qwentrt.engine.kernels import pdl
-
 from qwentrt.quant.kv import FP8_E4M3_MAX
 
 try:
@@ -122,7 +121,6 @@ def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=half, BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), PDL=pdl.enabled(q.device), num_warps=4,
-        **pdl.launch_kwargs(q.device),
+        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), num_warps=4, **pdl.launch_kwargs(q.device),
     )
     return q_out

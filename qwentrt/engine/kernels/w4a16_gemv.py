@@ -433,15 +433,14 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         raise ValueError(f"W4A16 GEMV: BLOCK_N ({cfg['BLOCK_N']}) must be 8 times a power of two (8, 16, ..., 1024)")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = max(1, min(cfg["SPLIT_K"], k // group_size))  # a split owns whole groups
     grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), split)
     ws, counts = split_k_workspace(x.device)
     if split > 1 and (m * n > ws.numel() or grid[0] * grid[1] > counts.numel()):
         raise ValueError(f"W4A16 GEMV: {m} x {n} outputs exceed the split-K workspace; use SPLIT_K 1")
     deferred = deferred and split > 1
-    if deferred:
-        out = torch.empty((0, n), dtype=x.dtype, device=x.device)  # (not written)
+    out = torch.empty((0 if deferred else m, n), dtype=x.dtype, device=x.device)  # (deferred: not written)
+    launch = pdl.launch_kwargs(x.device)
     layout = cfg.get("LAYOUT", "lanes")
     if layout not in ("lanes", "words", "window"):
         raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
@@ -450,15 +449,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                                        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
                                        EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
-                                       KSTAGES=cfg.get("KSTAGES", 0), PDL=pdl.enabled(x.device),
-                                       COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel", DEFERRED=deferred,
-                                       **pdl.launch_kwargs(x.device),
-                                       num_warps=cfg["num_warps"],
-                                       num_stages=cfg["num_stages"])
+                                       KSTAGES=cfg.get("KSTAGES", 0), DEFERRED=deferred,
+                                       COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
+                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
         return SplitKSums(ws[:m * n].view(m, n), x.dtype) if deferred else out
     _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
                              qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
-                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, PDL=pdl.enabled(x.device),
-                             COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel", DEFERRED=deferred,
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs(x.device))
+                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, DEFERRED=deferred,
+                             COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
     return SplitKSums(ws[:m * n].view(m, n), x.dtype) if deferred else out
