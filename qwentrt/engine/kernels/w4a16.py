@@ -310,9 +310,15 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     gemv = gemv_config(configs, m, n, k, group_size)
     if gemv is not None:
         return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv,
-                          deferred=deferred and configs.get("w4a16_gemv_deferred", False))
+                          deferred=deferred and gemv_deferred_wanted(configs))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
+
+
+def gemv_deferred_wanted(configs: dict) -> bool:
+    """The engine's kernel configs decide (`w4a16_gemv_deferred`); QWENTRT_GEMV_DEFERRED=1 / 0 overrides (A/B)."""
+    env = os.environ.get("QWENTRT_GEMV_DEFERRED")
+    return env != "0" if env is not None else bool(configs.get("w4a16_gemv_deferred", False))
 
 
 def gemv_config(configs: dict, m: int, n: int, k: int, group_size: int) -> dict | None:
