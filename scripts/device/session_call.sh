@@ -1,6 +1,8 @@
 #!/bin/bash
 # One GPU call (carry [".carry"]): GPU tests, a fast 4b engine with h100_kernels.json (or $KERNELS), the decode
-# profile under each of $PROFILE_VARIANTS, and itl_ab.sh over $VARIANTS. Env: TESTS (0 skips), OUT.
+# profile under each of $PROFILE_VARIANTS, and itl_ab.sh over $VARIANTS. Env: TESTS (0 skips), LINEARS=1 (the 144
+# GEMVs of a step in one graph, linears_step_lab.py), WORDS_LAB=1 (gemv_words_lab.py with $LAB_* and
+# KERNELS_OUT=$OUT/kernels.json), ENGINE (0: no engine, no profile, no A/B), OUT.
 set -uo pipefail
 eval "$(bash .carry/setup.sh)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -10,6 +12,9 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_w4a16_kernel.py tests/test_gpu_engine.py \
     -m gpu 2>&1 | tail -12
 fi
+[ "${LINEARS:-0}" = 1 ] && timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
+[ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
+[ "${ENGINE:-1}" = 1 ] || exit 0
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1
 python3 -m qwentrt.cli build /tmp/ckpt-4b -o /tmp/engine-4b --force --quiet --tune off --calib-samples 2 \
   --calib-seqlen 128 --awq-grid 2 2>&1 | tail -1

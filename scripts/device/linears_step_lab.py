@@ -1,0 +1,82 @@
+"""The 36 layers' linears of one batch-1 decode step as the decode graph runs them: qkv, o, gate_up, down per
+layer, 144 GEMVs back to back in one CUDA graph, each layer its own fresh random weights (1.9 GB: out of L2), with
+the engine's GEMV configs (scripts/device/h100_kernels.json or $KERNELS). This is the issue's "linears at 1 token"
+figure with the gaps between kernels in it (gemv_words_lab.py times each shape alone). Variants: PDL off / on,
+the split-K counter as built / relaxed (what its acq_rel fence costs; lab only), deferred split-K (the o / gate_up /
+down GEMVs leave float32 sums; here nothing consumes them, so a replay's sums pile up: timing only).
+GPU lab, not a test.
+
+    python3 scripts/device/linears_step_lab.py            # ~1 minute
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "scripts/device")
+from gemv_lab import random_awq  # noqa: E402
+
+from qwentrt.engine.kernels import pdl  # noqa: E402
+from qwentrt.engine.kernels.w4a16 import gemv_config  # noqa: E402
+from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, w4a16_gemv  # noqa: E402
+
+SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728)]
+LAYERS = int(os.environ.get("LAYERS", "36"))
+GROUP = 128
+dev = torch.device("cuda")
+configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
+torch.manual_seed(0)
+weights = [{name: random_awq(n, k, GROUP, dev, torch.bfloat16) for name, n, k in SHAPES} for _ in range(LAYERS)]
+cfg = {name: gemv_config(dict(configs, w4a16_gemv_max_tokens=max(1, configs.get("w4a16_gemv_max_tokens", 1))),
+                         1, n, k, GROUP) for name, n, k in SHAPES}
+xs = {k: torch.randn(1, k, device=dev, dtype=torch.bfloat16) for _, _, k in SHAPES}
+total_bytes = sum(w.numel() * w.element_size() for layer in weights for t in layer.values() for w in t)
+
+
+def step(relaxed: bool, deferred: bool) -> None:
+    for layer in weights:
+        for name, n, k in SHAPES:
+            w4a16_gemv(xs[k], *layer[name], GROUP, cfg[name], _lab_relaxed_counter=relaxed,
+                       deferred=deferred and name != "qkv")
+
+
+def timed(relaxed: bool, deferred: bool, replays: int = 20) -> float:
+    step(relaxed, deferred)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(relaxed, deferred)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    reset_split_k_workspaces()
+    return statistics.median(times)
+
+
+print(f"GPU {torch.cuda.get_device_name()}; {LAYERS} layers x 4 GEMVs, {total_bytes / 1e9:.2f} GB of weights; "
+      f"configs: {json.dumps(cfg)}")
+results = {}
+for rounds in range(2):  # twice, interleaved: drift shows as spread
+    for use_pdl in (False, True):
+        pdl.configure({"pdl": use_pdl})
+        for relaxed, deferred in ((False, False), (True, False), (False, True)):
+            name = f"pdl={int(use_pdl)} {'relaxed counter' if relaxed else 'deferred' if deferred else 'as built'}"
+            ms = timed(relaxed, deferred)
+            results.setdefault(name, []).append(ms)
+for name, ms in results.items():
+    best = min(ms)
+    print(f"{name:28s} {best:7.3f} ms ({', '.join(f'{t:.3f}' for t in ms)}): {total_bytes / best / 1e9:5.2f} TB/s, "
+          f"{best * 1e3 / (4 * LAYERS):5.2f} us a GEMV")
