@@ -232,7 +232,7 @@ def test_ptx_dequantize_is_exact_and_large_tiles_on_cuda():
 
 def test_decode_config_picks_bucket_then_shape():
     from qwentrt.engine.kernels.configs import default_kernel_configs
-    from qwentrt.engine.kernels.w4a16 import decode_config
+    from qwentrt.engine.kernels.w4a16 import decode_config, gemv_config
 
     a, b, c = ({"BLOCK_M": m, "SPLIT_K": 1} for m in (16, 32, 64))
     configs = {"w4a16_decode": {"16": {"default": a, "6144x2560": c}, "64": {"default": b}}}
@@ -245,6 +245,10 @@ def test_decode_config_picks_bucket_then_shape():
         cfg = default_kernel_configs(cc)
         for m in (1, 16, 17, 64, 65, 256):
             assert decode_config(cfg, m, 6144, 2560)["BLOCK_M"] >= min(m, 64)
+        # untuned engines take the GEMV at one token (any shape), and the GEMM from 3 tokens on
+        assert gemv_config(cfg, 1, 6144, 2560, 128) and gemv_config(cfg, 1, 1000, 256, 128)
+        assert gemv_config(cfg, 3, 6144, 2560, 128) is None
+    assert gemv_config(default_kernel_configs("9.0"), 1, 19456, 2560, 128)["BLOCK_K"] == 8  # the H100's winner
 
 
 def test_gemv_refuses_a_bad_config_with_a_clear_error():

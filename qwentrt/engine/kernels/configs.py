@@ -4,6 +4,7 @@ target GPU, the winners engine/tuning.py timed there (docs/ENGINE.md, "Kernel co
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 # W4A16 GEMM per token bucket (untuned defaults; `qwentrt build` on the target GPU replaces them with
@@ -16,15 +17,29 @@ def _w4a16(stages: int) -> dict[str, dict[str, Any]]:
     return {"16": cfg(16, 8), "32": cfg(32, 4), "64": cfg(64, 2), "256": cfg(64, 1)}
 
 
+# The GEMV at 1-2 tokens (kernels/w4a16_gemv.py): memory-bound there on any GPU, so untuned engines take it too
+# (H100: 52 us a layer against the GEMM's 90). sm_90: the H100's timed winners for Qwen3-4B's shapes
+# (scripts/device/h100_kernels.json, keyed "NxK"); any other shape, and sm_89, the kernel's safe middle.
+_GEMV_SAFE = {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 20, "num_warps": 1, "num_stages": 2}
+_GEMV_H100 = {
+    "6144x2560": {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 20, "num_warps": 2, "num_stages": 2},
+    "2560x4096": {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 2, "num_stages": 2},
+    "19456x2560": {"BLOCK_N": 256, "BLOCK_K": 8, "SPLIT_K": 20, "num_warps": 1, "num_stages": 2, "LAYOUT": "window"},
+    "2560x9728": {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 76, "num_warps": 1, "num_stages": 2},
+    "default": _GEMV_SAFE,
+}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "8.9": {"w4a16_decode": _w4a16(2), "w4a16_prefill_min_tokens": 512},  # from here on: dequantize + cuBLAS
-    "9.0": {"w4a16_decode": _w4a16(3), "w4a16_prefill_min_tokens": 512},
+    "8.9": {"w4a16_decode": _w4a16(2), "w4a16_prefill_min_tokens": 512,  # from here on: dequantize + cuBLAS
+            "w4a16_gemv_max_tokens": 1, "w4a16_gemv": {"default": _GEMV_SAFE}},
+    "9.0": {"w4a16_decode": _w4a16(3), "w4a16_prefill_min_tokens": 512,
+            "w4a16_gemv_max_tokens": 2, "w4a16_gemv": _GEMV_H100},
 }
 
 
 def default_kernel_configs(compute_capability: str) -> dict[str, Any]:
     base = DEFAULTS.get(compute_capability, DEFAULTS["8.9"])
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    cfg = copy.deepcopy(base)
     cfg["tuned"] = False
     cfg["compute_capability"] = compute_capability
     return cfg
