@@ -226,3 +226,26 @@ def test_repo_and_serve_refuse_bad_input(tmp_path):
     assert result.exit_code == 2 and "no engine.json" in result.output
     result = CliRunner().invoke(main, ["serve", "--repo", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not a qwentrt model repository" in result.output
+
+
+def test_the_stub_gets_the_standard_library_of_the_python_it_links(tmp_path):
+    """The Python-backend stub's embedded Python takes the first `python3` on PATH as its home; in an activated
+    virtual environment of another build of the same version, that build's compiled modules failed to load in
+    the stub (`_ssl`: undefined symbol). find_tritonserver puts a `python3` matching the stub's libpython first."""
+    import subprocess
+
+    from qwentrt.serving.server import ServerError, find_tritonserver
+
+    try:
+        binary = find_tritonserver()
+    except ServerError as e:
+        pytest.skip(str(e))
+    if binary.backend_dir is None or "PATH" not in binary.env:
+        pytest.skip("not nvidia-pytriton's server, or its stub links no libpython3.X")
+    first = binary.env["PATH"].split(":")[0]
+    python3 = f"{first}/python3"
+    out = subprocess.run([python3, "-c", "import ssl, sys; print(sys.version_info[:2])"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import sys
+    assert out.stdout.strip() == str(tuple(sys.version_info[:2]))

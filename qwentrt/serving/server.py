@@ -46,7 +46,44 @@ def find_tritonserver() -> TritonBinary:
     exe = root / "bin" / "tritonserver"
     if not exe.is_file():
         raise ServerError(f"nvidia-pytriton is installed but has no tritonserver at {exe}")
-    return TritonBinary(exe, _pytriton_backends(root), {"LD_LIBRARY_PATH": _ld_path(root.parent.parent / "nvidia_pytriton.libs")})
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    env = {"LD_LIBRARY_PATH": _ld_path(libs)}
+    backends = _pytriton_backends(root)
+    python_dir = stub_python_dir(backends / "python" / "triton_python_backend_stub", env["LD_LIBRARY_PATH"],
+                                 backends / "bin")
+    if python_dir:
+        env["PATH"] = f"{python_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    return TritonBinary(exe, backends, env)
+
+
+def stub_python_dir(stub: Path, ld_library_path: str, link_dir: Path) -> Path | None:
+    """A folder holding `python3`, a link to the interpreter of the libpython the stub links, to put first on
+    tritonserver's PATH; None where that cannot be found. The stub's embedded Python is isolated (it ignores
+    PYTHONHOME) and takes the first `python3` on PATH as its home: in an activated virtual environment of another
+    build of the same Python version (pyenv's 3.11.7 over Debian's 3.11.2 libpython, say) that is the other build's
+    standard library, whose compiled modules then fail to load (`_ssl`: undefined symbol _PyModule_Add)."""
+    try:
+        out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, timeout=20,
+                             env=dict(os.environ, LD_LIBRARY_PATH=ld_library_path)).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for line in out.splitlines():
+        name, _, target = line.strip().partition(" => ")
+        if not (name.startswith(f"lib{version}.so") and target.startswith("/")):
+            continue
+        for prefix in Path(target.split()[0]).resolve().parents:
+            interpreter = prefix / "bin" / version
+            if (prefix / "lib" / version / "os.py").is_file() and os.access(interpreter, os.X_OK):
+                link = link_dir / "python3"
+                if not link.is_symlink() or Path(os.readlink(link)) != interpreter:
+                    link_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = link_dir / f".python3.{os.getpid()}.tmp"
+                    tmp.unlink(missing_ok=True)
+                    tmp.symlink_to(interpreter)
+                    os.replace(tmp, link)  # (atomic: a server starting beside this one sees one or the other)
+                return link_dir
+    return None
 
 
 def _pytriton_backends(root: Path) -> Path:
