@@ -59,17 +59,22 @@ def family(name: str) -> str:
     return name[:70]
 
 
-# Steps: split where the gap between kernels is larger than anything inside a step (the host's turn).
+# Steps: every step replays the same graph (and the same few kernels around it), so STEPS equal runs of kernels
+# where the count divides; else split at the STEPS-1 largest gaps (the host's turns).
 gaps = [b.time_range.start - a.time_range.end for a, b in zip(kernels, kernels[1:])]
-cut = max(50.0, sorted(gaps)[-STEPS + 1] if len(gaps) >= STEPS else 50.0)  # the STEPS-1 largest gaps split steps
-steps, cur = [], [kernels[0]]
-for k, gap in zip(kernels[1:], gaps):
-    if gap >= cut:
-        steps.append(cur)
-        cur = []
-    cur.append(k)
-steps.append(cur)
-steps = [s for s in steps if len(s) > 20][-STEPS:]
+if len(kernels) % STEPS == 0:
+    per_step = len(kernels) // STEPS
+    steps = [kernels[i:i + per_step] for i in range(0, len(kernels), per_step)]
+else:
+    print(f"{len(kernels)} kernels in {STEPS} steps: not equal runs; steps split at the largest gaps")
+    cut = sorted(gaps)[-STEPS + 1]
+    steps, cur = [], [kernels[0]]
+    for k, gap in zip(kernels[1:], gaps):
+        if gap >= cut:
+            steps.append(cur)
+            cur = []
+        cur.append(k)
+    steps.append(cur)
 
 span = [s[-1].time_range.end - s[0].time_range.start for s in steps]
 busy = [sum(k.time_range.elapsed_us() for k in s) for s in steps]
