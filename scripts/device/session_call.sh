@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_w4a16_kernel.py tests/test_gpu_engine.py \
-    -m gpu 2>&1 | tail -12
+    -m gpu ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -12
 fi
 [ "${LINEARS:-0}" = 1 ] && timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
 [ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
