@@ -301,3 +301,16 @@ def bench_linears(tokens=(1, 8, 32, 128), configs=None):
         rows.append({"tokens": m, "triton_ms_36_layers": 36 * tri, "reference_ms_36_layers": 36 * ref,
                      "cublas_bf16_ms_36_layers": 36 * cub})
     return rows
+
+
+def test_deferred_split_k_is_the_default_and_the_environment_overrides(monkeypatch):
+    from qwentrt.engine.kernels.configs import default_kernel_configs
+    from qwentrt.engine.kernels.w4a16 import gemv_deferred_wanted
+
+    monkeypatch.delenv("QWENTRT_GEMV_DEFERRED", raising=False)
+    assert all(gemv_deferred_wanted(default_kernel_configs(cc)) for cc in ("8.9", "9.0"))
+    assert not gemv_deferred_wanted({})  # engines built before it: the counter protocol
+    monkeypatch.setenv("QWENTRT_GEMV_DEFERRED", "0")
+    assert not gemv_deferred_wanted(default_kernel_configs("9.0"))
+    monkeypatch.setenv("QWENTRT_GEMV_DEFERRED", "1")
+    assert gemv_deferred_wanted({})
