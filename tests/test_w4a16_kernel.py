@@ -314,3 +314,13 @@ def test_deferred_split_k_is_the_default_and_the_environment_overrides(monkeypat
     assert not gemv_deferred_wanted(default_kernel_configs("9.0"))
     monkeypatch.setenv("QWENTRT_GEMV_DEFERRED", "1")
     assert gemv_deferred_wanted({})
+    from qwentrt.engine.kernels import ops  # the engine reads it once, when it configures its kernels
+    try:
+        ops.configure({"w4a16_gemv_deferred": False})
+        assert ops._configs["w4a16_gemv_deferred"] is True
+        monkeypatch.setenv("QWENTRT_GEMV_DEFERRED", "0")
+        ops.configure(default_kernel_configs("9.0"))
+        assert ops._configs["w4a16_gemv_deferred"] is False
+    finally:
+        monkeypatch.delenv("QWENTRT_GEMV_DEFERRED")
+        ops.configure({})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from gemv_lab import random_awq  # noqa: E402
 from qwentrt.engine.kernels import pdl  # noqa: E402
 from qwentrt.engine.kernels.w4a16 import gemv_config  # noqa: E402
 from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, w4a16_gemv  # noqa: E402
+from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728)]
 LAYERS = int(os.environ.get("LAYERS", "36"))
@@ -46,24 +46,10 @@ def step(relaxed: bool, deferred: bool) -> None:
                        deferred=deferred and name != "qkv")
 
 
-def timed(relaxed: bool, deferred: bool, replays: int = 20) -> float:
-    step(relaxed, deferred)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(relaxed, deferred)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    reset_split_k_workspaces()
-    return statistics.median(times)
+def timed(relaxed: bool, deferred: bool) -> float:
+    ms = time_in_graph(lambda: step(relaxed, deferred), replays=20)
+    reset_split_k_workspaces()  # (deferred: nothing consumed the sums)
+    return ms
 
 
 print(f"GPU {torch.cuda.get_device_name()}; {LAYERS} layers x 4 GEMVs, {total_bytes / 1e9:.2f} GB of weights; "

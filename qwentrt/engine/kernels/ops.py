@@ -21,6 +21,7 @@ from qwentrt.engine.kernels import rope as _rope
 from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (re-exported: built once, at load)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 from qwentrt.engine.kernels.w4a16 import awq_linear_silu_mul as _awq_linear_silu_mul
+from qwentrt.engine.kernels.w4a16 import gemv_deferred_wanted
 from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
 
 _configs: dict[str, Any] = {}
@@ -29,6 +30,7 @@ _configs: dict[str, Any] = {}
 def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.clear()
     _configs.update(kernel_configs or {})
+    _configs["w4a16_gemv_deferred"] = gemv_deferred_wanted(_configs)  # (the environment read once, here)
     _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 

@@ -310,20 +310,21 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     gemv = gemv_config(configs, m, n, k, group_size)
     if gemv is not None:
         return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv,
-                          deferred=deferred and gemv_deferred_wanted(configs))
+                          deferred=deferred and configs.get("w4a16_gemv_deferred", False))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
 
 
 def gemv_deferred_wanted(configs: dict) -> bool:
-    """The engine's kernel configs decide (`w4a16_gemv_deferred`); QWENTRT_GEMV_DEFERRED=1 / 0 overrides (A/B)."""
+    """The engine's kernel configs decide (`w4a16_gemv_deferred`); QWENTRT_GEMV_DEFERRED=1 / 0 overrides (A/B).
+    Read once, when the engine configures its kernels (ops.configure), not on every call."""
     env = os.environ.get("QWENTRT_GEMV_DEFERRED")
     return env != "0" if env is not None else bool(configs.get("w4a16_gemv_deferred", False))
 
 
 def gemv_config(configs: dict, m: int, n: int, k: int, group_size: int) -> dict | None:
     """The GEMV's config where awq_linear takes the GEMV for m tokens of an [n, k] linear (up to
-    `w4a16_gemv_max_tokens`, a tuned engine's setting), else None."""
+    `w4a16_gemv_max_tokens`: configs.py's defaults, or the tuner's), else None."""
     if m <= configs.get("w4a16_gemv_max_tokens", 0) and m < configs.get("w4a16_prefill_min_tokens", 512) \
             and n % 8 == 0 and k % group_size == 0:
         gemv = configs.get("w4a16_gemv", {})
