@@ -68,12 +68,12 @@ def interpreter():
 
 def _interpreted_case(seed: int, context_lens: list[int], partition_size: int, zero_rows: list[int] = (),
                       tile_tokens: int | None = None, compute_f16: bool | None = None,
-                      **make_kw) -> tuple[float, bool]:
+                      dynamic: bool | None = None, **make_kw) -> tuple[float, bool]:
     """In the worker: (relative error vs the reference, whether the rows zero_rows are exactly 0)."""
     torch.manual_seed(seed)
     inp = make_batch(context_lens, **make_kw)
     ref = ref_out(inp)
-    out = run_kernel(pa, inp, partition_size, tile_tokens, compute_f16=compute_f16)
+    out = run_kernel(pa, inp, partition_size, tile_tokens, compute_f16=compute_f16, dynamic=dynamic)
     zeros = all(torch.equal(out[r], torch.zeros_like(out[r])) and torch.equal(ref[r], out[r]) for r in zero_rows)
     return rel_err(out, ref), zeros
 
@@ -204,6 +204,27 @@ def test_empty_context_gives_zeros_interpreted(interpreter, split):
     assert zeros and err < 1e-4, f"rel err {err:.3g}, zero rows ok: {zeros} (seed {seed})"
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, FP8])
+def test_decode_dynamic_partitions_interpreted(interpreter, kv_dtype):
+    """Partitions sized from each sequence's context (the batch-1 default on CUDA): a 40-page block table split
+    into 40 partitions, so short contexts get one tile each and the reduction reads several chunks of partials;
+    empty rows still give zeros."""
+    lens = [0, 1, 16, 17, 100, 255, 600, 640] + torch.randint(1, 640, (2,)).tolist()
+    err, zeros, seed = interpreted(interpreter, lens, 16, tile_tokens=16, dynamic=True, zero_rows=[0],
+                                   num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, extra_cols=0,
+                                   q_dtype=torch.float32, kv_dtype=kv_dtype, lens_dtype=torch.int32)
+    assert zeros and err < 1e-4, f"rel err {err:.3g}, zero rows ok: {zeros} (seed {seed})"
+
+
+def test_decode_dynamic_tile_rounding_interpreted(interpreter):
+    """Tiles of 32 in pages of 16, partitions capped at 64 tokens: contexts that round up to one or two tiles."""
+    lens = [1, 31, 33, 63, 64, 65, 300] + torch.randint(1, 320, (2,)).tolist()
+    err, zeros, seed = interpreted(interpreter, lens, 64, tile_tokens=32, dynamic=True,
+                                   num_heads=4, num_kv_heads=4, head_dim=64, block_size=16,
+                                   q_dtype=torch.float32, kv_dtype=torch.float32)
+    assert err < 1e-4, f"rel err {err:.3g} (seed {seed})"
+
+
 def test_dispatch_on_cpu_is_the_reference():
     """On the CPU (decode or not) paged_attention is exactly the reference."""
     inp = make_batch([5, 40, 17], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
@@ -325,6 +346,36 @@ def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size
         again = run_kernel(pa, inp, partition_size)
         assert rel_err(again, ref) < 1e-2
         assert torch.equal(again, first)  # the same arithmetic in the same order, whichever program reduces
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16])
+@pytest.mark.parametrize("tile_tokens", [None, 32, 128])
+def test_decode_cuda_dynamic_partitions_graph(poisoned, kv_dtype, tile_tokens):
+    """The batch-1 decode graph's case: a full-width (32k-token) block table, partitions sized from the context in
+    the kernel, captured once and replayed as the context grows from 1 token to the whole table (and back to a
+    padding row of 0); the default (dynamic: None) picks them at batch 1."""
+    inp = make_batch([32768], num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
+                     kv_dtype=kv_dtype, device="cuda", extra_cols=0)
+    out = torch.empty_like(inp["q"])
+    run = lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out, tile_tokens=tile_tokens)  # noqa
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for n in (1, 31, 64, 65, 128, 129, 384, 1000, 2048, 5000, 32767, 32768, 0):
+        inp["context_lens"].fill_(n)
+        inp["q"].copy_(torch.randn_like(inp["q"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not pa._counters(out.device).any(), n
+        if n == 0:
+            assert torch.equal(out, torch.zeros_like(out))
+        else:
+            assert rel_err(out, ref_out(inp)) < 1e-2, n
+            fixed = run_kernel(pa, inp, None, tile_tokens, dynamic=False)
+            assert rel_err(out, fixed) < 1e-2, n
 
 
 # -------------------------------------------------------------------------------------------- benchmark

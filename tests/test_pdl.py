@@ -23,8 +23,16 @@ def test_pdl_is_off_unless_the_engine_or_the_environment_asks(monkeypatch):
     monkeypatch.setenv("QWENTRT_PDL", "1")
     pdl.configure({})
     assert pdl._wanted["on"]
-    monkeypatch.delenv("QWENTRT_PDL")
+    monkeypatch.setenv("QWENTRT_PDL", "late")
     pdl.configure({})
+    assert pdl._wanted["on"] and pdl.late_trigger()
+    monkeypatch.delenv("QWENTRT_PDL")
+    pdl.configure({"pdl": "late"})
+    assert pdl._wanted["on"] and pdl.late_trigger()
+    with pytest.raises(ValueError, match='"pdl" must be true, false or "late"'):
+        pdl.configure({"pdl": "early"})
+    pdl.configure({})
+    assert not pdl._wanted["on"] and not pdl.late_trigger()
 
 
 def _ptx(fn, signature: dict, constexprs: dict, launch_pdl: bool) -> str:
@@ -55,13 +63,33 @@ def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
         fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
         const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
                  "COUNTER_SEM": "acq_rel", "DEFERRED": False}
-    on = _ptx(fn, sig, dict(const, PDL=True), True)
-    off = _ptx(fn, sig, dict(const, PDL=False), False)
+    on = _ptx(fn, sig, dict(const, PDL=True, PDL_LATE=False), True)
+    off = _ptx(fn, sig, dict(const, PDL=False, PDL_LATE=False), False)
     assert "griddepcontrol" not in off and "prefetch.global.L2" not in off
     wait = on.index("griddepcontrol.wait")
     assert on.index("prefetch.global.L2") < on.index("griddepcontrol.launch_dependents") < wait
     # every global load but the L2 prefetches comes after the wait
     assert "ld.global" not in on[:wait]
+
+
+@pytest.mark.parametrize("layout", ["lanes", "window"])
+def test_the_gemv_late_trigger_comes_after_its_main_loop(layout):
+    """"pdl": "late": the prefetch and the wait as before, the trigger after every weight load (only the split-K
+    epilogue after it)."""
+    from qwentrt.engine.kernels import w4a16_gemv as g
+    if layout == "lanes":
+        fn, sig = g._w4a16_gemv_kernel, GEMV_ARGS
+        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel",
+                 "DEFERRED": True}
+    else:
+        fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
+        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
+                 "COUNTER_SEM": "acq_rel", "DEFERRED": True}
+    late = _ptx(fn, sig, dict(const, PDL=True, PDL_LATE=True), True)
+    wait = late.index("griddepcontrol.wait")
+    trigger = late.index("griddepcontrol.launch_dependents")
+    assert late.index("prefetch.global.L2") < wait < trigger and "ld.global" not in late[:wait]
+    assert "ld.global" not in late[trigger:] and "red.global" in late[trigger:] or "atom.global" in late[trigger:]
 
 
 def test_small_kernels_wait_first_under_pdl():

@@ -64,6 +64,11 @@ TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
 # FP8 caches: dots in fp16 (see the module doc; H100, 512 sequences: 861 -> 633 us per layer, KERNEL_NOTES session 6).
 # QWENTRT_ATTN_F16=0 keeps the bf16 dots.
 ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "1") != "0"
+# Launches of fewer (sequence, KV head) pairs than SMs (batch 1 to ~16 on an H100) size their partitions from each
+# sequence's context in the kernel, down to one tile of DYNAMIC_TILE_TOKENS (see `paged_attention_decode`).
+# QWENTRT_ATTN_DYNAMIC=0 keeps the fixed partitions; QWENTRT_ATTN_DYN_TILE sets the tile (labs).
+ATTN_DYNAMIC = os.environ.get("QWENTRT_ATTN_DYNAMIC", "1") != "0"
+DYNAMIC_TILE_TOKENS = int(os.environ.get("QWENTRT_ATTN_DYN_TILE", "64"))
 
 
 def auto_partition_size(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -125,12 +130,14 @@ if HAS_TRITON:
     def _reduce_partitions(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq, kv_head, n_parts, v_scale,
                            stride_ob, stride_oh, num_heads, num_partitions,
                            GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           PARTITIONS_PAD: tl.constexpr):
+                           PARTITIONS_PAD: tl.constexpr, CHUNK: tl.constexpr):
         """out of the GROUPS query heads of (seq, kv_head) from the partials of its n_parts partitions:
-        M = max_p m_p, out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p. Loads bypass L1 (.cg): the
-        partials were written by other programs."""
+        M = max_p m_p, out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p. The acc partials are read CHUNK
+        partitions at a time as one [GROUPS_P2, CHUNK, D] load (a loop of one load a partition waits for each:
+        an L2 round trip per partition). Loads bypass L1 (.cg): the partials were written by other programs."""
         offs_r = tl.arange(0, GROUPS_P2)
         offs_p = tl.arange(0, PARTITIONS_PAD)
+        offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_r < GROUPS
         heads = kv_head * GROUPS + offs_r
@@ -142,10 +149,15 @@ if HAS_TRITON:
         m_max = tl.where(row_ok, tl.max(m, axis=1), 0.0)  # finite: every live partition holds a token
         denom = tl.sum(tl.where(live, tl.exp2(m - m_max[:, None]), 0.0) * l, axis=1)
         acc = tl.zeros([GROUPS_P2, HEAD_DIM], dtype=tl.float32)
-        for p in range(0, n_parts):
-            w_p = tl.exp2(tl.load(part_m_ptr + rows + p, mask=row_ok, other=0.0, cache_modifier=".cg") - m_max)
-            acc += w_p[:, None] * tl.load(part_acc_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :],
-                                          mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        for p0 in range(0, n_parts, CHUNK):
+            parts = p0 + offs_c
+            ok = row_ok[:, None] & (parts < n_parts)[None, :]  # [G, C]
+            idx = rows[:, None] + parts[None, :]
+            m_c = tl.load(part_m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            w_c = tl.where(ok, tl.exp2(m_c - m_max[:, None]), 0.0)
+            a_c = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None],
+                          other=0.0, cache_modifier=".cg")  # [G, C, D]
+            acc += tl.sum(w_c[:, :, None] * a_c, axis=1)
         out = acc * (v_scale / tl.where(row_ok, denom, 1.0))[:, None]
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -165,6 +177,7 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
         PARTITIONS_PAD: tl.constexpr, KV_FP8: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
         DOT_PRECISION: tl.constexpr, COMPUTE_F16: tl.constexpr = False, PDL: tl.constexpr = False,
+        DYNAMIC: tl.constexpr = False, CHUNK: tl.constexpr = 16,
     ):
         """One (sequence, KV head, partition): online softmax over the partition's pages; the partition of
         the sequence to finish last reduces them all. qk_scale = softmax scale * k_scale * log2(e)."""
@@ -180,14 +193,18 @@ if HAS_TRITON:
         head_ok = offs_g < GROUPS
         heads = kv_head * GROUPS + offs_g  # the query heads sharing this KV head
 
-        start = part * PARTITION_SIZE
+        if DYNAMIC:  # partitions shrink with the context (to one tile), so a short one still spreads over programs
+            psize = tl.maximum(tl.cdiv(tl.cdiv(ctx, num_partitions), TILE_N), 1) * TILE_N
+        else:
+            psize = PARTITION_SIZE
+        start = part * psize
         if start >= ctx:  # nothing of this sequence here
             if part == 0:  # an empty context (a padding row): zeros, as the reference
                 tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                          tl.zeros([GROUPS_PAD, HEAD_DIM], dtype=out_ptr.dtype.element_ty), mask=head_ok[:, None])
             return
-        end = tl.minimum(start + PARTITION_SIZE, ctx)
-        n_parts = tl.cdiv(ctx, PARTITION_SIZE)  # partitions holding tokens: the reduction reads these
+        end = tl.minimum(start + psize, ctx)
+        n_parts = tl.cdiv(ctx, psize)  # partitions holding tokens: the reduction reads these
 
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=head_ok[:, None], other=0.0)  # [GROUPS_PAD, D]
@@ -240,7 +257,7 @@ if HAS_TRITON:
                 if done == n_parts - 1:
                     _reduce_partitions(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq, kv_head, n_parts,
                                        v_scale, stride_ob, stride_oh, num_heads, num_partitions,
-                                       GROUPS, GROUPS_P2, HEAD_DIM, PARTITIONS_PAD)
+                                       GROUPS, GROUPS_P2, HEAD_DIM, PARTITIONS_PAD, CHUNK)
                     tl.store(counter, 0)  # zero again for the next launch
 
 
@@ -249,7 +266,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scale: float, v_scale: float, partition_size: int | None = 512, *,
                            out: torch.Tensor | None = None, tile_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           compute_f16: bool | None = None) -> torch.Tensor:
+                           compute_f16: bool | None = None, dynamic: bool | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: q [B, H, D] -> [B, H, D] (see the module doc).
     partition_size: tokens per split-KV partition, a multiple of tile_tokens (None: auto_partition_size);
     one partition (no partials) when it covers the block table's width.
@@ -257,6 +274,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tokens of FP8 at head_dim 128; less where partition_size needs it).
     num_stages: software-pipelining depth of the loop (default: 3 on Hopper, 2 elsewhere).
     compute_f16: dots in fp16 (default: for FP8 caches with a bf16 q, unless $QWENTRT_ATTN_F16=0).
+    dynamic: partition_size is the largest partition, and each sequence's are cdiv(context, partitions) tokens
+    rounded up to whole tiles, so a short context is split as finely as a long one (fixed partitions leave a
+    384-token context of a batch-1 step in 2 of 128 partitions: 16 programs for 132 SMs, each walking its tiles
+    one after the other). Default: when batch * KV heads is below the SM count (and not one partition), with
+    tiles of DYNAMIC_TILE_TOKENS unless tile_tokens says otherwise.
     out: optional [B, H, D] buffer to write into."""
     if not HAS_TRITON:
         raise RuntimeError("paged_attention_decode needs triton")
@@ -270,8 +292,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context = block_tables.shape[1] * block_size
     if partition_size is None:
         partition_size = auto_partition_size(batch, num_kv_heads, max_context, _num_sms(q.device))
+    if dynamic is None:
+        dynamic = (ATTN_DYNAMIC and batch * num_kv_heads < _num_sms(q.device)
+                   and partition_size < max_context)
     if tile_tokens is None:
         tile_tokens = math.gcd(partition_size, TILE_BYTES // (head_dim * k_cache.element_size()))
+        if dynamic:
+            tile_tokens = math.gcd(partition_size, DYNAMIC_TILE_TOKENS)
     if num_stages is None:
         num_stages = _default_num_stages(q.device)
     assert tile_tokens >= 16 and tile_tokens & (tile_tokens - 1) == 0, "tile_tokens: a power of two >= 16"
@@ -318,6 +345,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUPS_P2=triton.next_power_of_2(groups), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=tile_tokens, PARTITION_SIZE=partition_size,
         PARTITIONS_PAD=triton.next_power_of_2(num_partitions), KV_FP8=kv_fp8, SINGLE_PARTITION=single,
+        DYNAMIC=bool(dynamic) and not single,
+        CHUNK=min(triton.next_power_of_2(num_partitions), max(2, 64 // triton.next_power_of_2(groups)), 16),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not compute_f16 else "tf32",  # (unused by 16-bit dots)
         COMPUTE_F16=bool(compute_f16), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(q.device),
     )

@@ -16,8 +16,14 @@ stream; every kernel launched with PDL waits before touching memory another kern
 split-K workspaces and counters, the KV cache). A kernel launched without PDL (cuBLAS, torch ops) serializes as
 always. Graph capture keeps the launch attribute (programmatic edges, CUDA >= 12.3).
 
-Off unless the engine's kernel configs say `"pdl": true` (`QWENTRT_PDL=1` / `0` overrides either way), and only on
-CUDA devices of compute capability 9.0 or newer with a Triton that has `launch_pdl` and `gdc_wait`.
+Where the GEMV lets the next kernel launch: `"pdl": true` at its start (measured slower, session 11: the next
+GEMV's programs become resident and sit in their wait, holding registers and warp slots the running GEMV's later
+waves need), `"pdl": "late"` after its main loop (only the split-K epilogue is left when the dependents come in,
+and they prefetch their first weights into L2 while it drains). The small kernels trigger first thing either way.
+
+Off unless the engine's kernel configs say `"pdl": true` or `"late"` (`QWENTRT_PDL=1` / `late` / `0` overrides
+either way), and only on CUDA devices of compute capability 9.0 or newer with a Triton that has `launch_pdl` and
+`gdc_wait`.
 """
 
 from __future__ import annotations
@@ -39,13 +45,23 @@ try:
 except ImportError:  # no triton, or one without PDL
     TRITON_HAS_PDL = False
 
-_wanted = {"on": False}
+_wanted = {"on": False, "late": False}
 
 
 def configure(kernel_configs: dict) -> None:
-    """The engine's kernel configs decide (`"pdl": true`); the QWENTRT_PDL environment variable overrides."""
+    """The engine's kernel configs decide (`"pdl"`: false, true or "late"); the QWENTRT_PDL environment variable
+    (0, 1, late) overrides."""
     env = os.environ.get("QWENTRT_PDL")
-    _wanted["on"] = env != "0" if env is not None else bool((kernel_configs or {}).get("pdl", False))
+    value = (kernel_configs or {}).get("pdl", False) if env is None else {"0": False, "late": "late"}.get(env, True)
+    if value not in (True, False, "late"):
+        raise ValueError(f'kernel config "pdl" must be true, false or "late", got {value!r}')
+    _wanted["on"] = bool(value)
+    _wanted["late"] = value == "late"
+
+
+def late_trigger() -> bool:
+    """The GEMV lets its dependents launch after its main loop, not at its start ("pdl": "late")."""
+    return _wanted["late"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,24 +53,34 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _pdl_prologue(qw_ptr, stride_qw, row0, word0, N, GROUP: tl.constexpr, PN: tl.constexpr, PDL: tl.constexpr):
+    def _pdl_prologue(qw_ptr, stride_qw, row0, word0, N, GROUP: tl.constexpr, PN: tl.constexpr, PDL: tl.constexpr,
+                      PDL_LATE: tl.constexpr):
         """Under PDL (pdl.py), before the kernel before this one has finished: ask L2 for this program's first group
         of weight rows (one prefetch per 128-byte line; weights are never written by a step), let the next kernel
-        launch, then wait for the one before. Everything after reads what earlier kernels wrote."""
+        launch (unless PDL_LATE: then after the main loop, _pdl_late_trigger), then wait for the one before.
+        Everything after reads what earlier kernels wrote."""
         if PDL:
             LINES: tl.constexpr = PN // 32 if PN >= 32 else 1
             cols = tl.minimum(word0 + tl.arange(0, LINES) * 32, N // 8 - 1)
             rows = row0 + tl.arange(0, GROUP)
             pdl.prefetch_l2(qw_ptr + rows[:, None] * stride_qw + cols[None, :], PDL)
-            pdl.launch_dependents(PDL)
+            if not PDL_LATE:
+                pdl.launch_dependents(PDL)
             pdl.wait(PDL)
+
+    @triton.jit
+    def _pdl_late_trigger(PDL: tl.constexpr, PDL_LATE: tl.constexpr):
+        """PDL "late": the main loop is done; the next kernel may launch while the split-K epilogue drains."""
+        if PDL and PDL_LATE:
+            pdl.launch_dependents(PDL)
 
     @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                            stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
-                           COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False):
+                           COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False,
+                           PDL_LATE: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -87,7 +97,7 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K  # this split's run of whole groups
         g1 = (pid_k + 1) * n_groups // SPLIT_K
-        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL)
+        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL, PDL_LATE)
         out = tl.zeros([PN, 2, 4], tl.float32)
         for g in range(g0, g1):
             acc = tl.zeros([BLOCK_K, PN, 2, 4], tl.float32)
@@ -107,6 +117,7 @@ if triton is not None:
             z = _nibbles_scaled(qz, masks) * unscale
             s = tl.load(s_ptr + g * stride_s + cols, mask=cmask, other=0.0).to(tl.float32)
             out += s * (xq - z * tl.sum(xs, axis=0))
+        _pdl_late_trigger(PDL, PDL_LATE)
         y_ptrs = y_ptr + m * stride_ym + cols
         if SPLIT_K == 1:
             tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=cmask)
@@ -265,7 +276,8 @@ if triton is not None:
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
                                  EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
                                  KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
-                                 COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False):
+                                 COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False,
+                                 PDL_LATE: tl.constexpr = False):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -276,7 +288,7 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K
         g1 = (pid_k + 1) * n_groups // SPLIT_K
-        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL)
+        _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL, PDL_LATE)
         o0 = tl.zeros([PN], tl.float32)
         o1 = tl.zeros([PN], tl.float32)
         o2 = tl.zeros([PN], tl.float32)
@@ -327,6 +339,7 @@ if triton is not None:
                 o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
                 o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
                 o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+        _pdl_late_trigger(PDL, PDL_LATE)
         # each word's 8 columns side by side, [PN, 8] in column order (8c + 2p + h: p1, p0, h from the outer axis
         # in), so a thread writes 8 consecutive floats: 8 strided [PN] stores or atomics touch 8x the sectors
         out = tl.reshape(tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)), tl.join(tl.join(o4, o6), tl.join(o5, o7))),
@@ -441,6 +454,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     deferred = deferred and split > 1
     out = torch.empty((0 if deferred else m, n), dtype=x.dtype, device=x.device)  # (deferred: not written)
     launch = pdl.launch_kwargs(x.device)
+    if launch["PDL"]:
+        launch["PDL_LATE"] = pdl.late_trigger()
     layout = cfg.get("LAYOUT", "lanes")
     if layout not in ("lanes", "words", "window"):
         raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
