@@ -173,16 +173,18 @@ def test_programmatic_dependent_launch_changes_no_result(cuda_engine, monkeypatc
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
     prompts = random_prompts([5, 40, 300])
     results = {}
-    for flag in ("0", "1"):
+    for flag in ("0", "1", "late"):
         monkeypatch.setenv("QWENTRT_PDL", flag)
         eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
-        assert pdl.enabled(torch.device("cuda")) == (flag == "1")
+        assert pdl.enabled(torch.device("cuda")) == (flag != "0")
+        assert pdl.late_trigger() == (flag == "late")
         results[flag] = [(o.token_ids, o.logprobs) for o in eng.generate(prompts, params)]
         results[flag] += [(o.token_ids, o.logprobs) for o in eng.generate(prompts[:1], params)]
         del eng
-    for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results["1"], results["0"]):
-        assert tokens_on[:4] == tokens_off[:4]
-        assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2
+    for on in ("1", "late"):
+        for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results[on], results["0"]):
+            assert tokens_on[:4] == tokens_off[:4]
+            assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2
 
 
 @pytest.mark.parametrize("layout", ["lanes", "window"])

@@ -1,7 +1,7 @@
 """The 36 layers' linears of one batch-1 decode step as the decode graph runs them: qkv, o, gate_up, down per
 layer, 144 GEMVs back to back in one CUDA graph, each layer its own fresh random weights (1.9 GB: out of L2), with
 the engine's GEMV configs (scripts/device/h100_kernels.json or $KERNELS). This is the issue's "linears at 1 token"
-figure with the gaps between kernels in it (gemv_words_lab.py times each shape alone). Variants: PDL off / on,
+figure with the gaps between kernels in it (gemv_words_lab.py times each shape alone). Variants ($VARIANTS): PDL off / on / late,
 the split-K counter as built / relaxed (what its acq_rel fence costs; lab only), deferred split-K (the o / gate_up /
 down GEMVs leave float32 sums; here nothing consumes them, so a replay's sums pile up: timing only).
 GPU lab, not a test.
@@ -54,14 +54,17 @@ def timed(relaxed: bool, deferred: bool) -> float:
 
 print(f"GPU {torch.cuda.get_device_name()}; {LAYERS} layers x 4 GEMVs, {total_bytes / 1e9:.2f} GB of weights; "
       f"configs: {json.dumps(cfg)}")
+# VARIANTS: ';'-separated "PDL:PROTOCOL", PDL 0 / 1 (trigger at the GEMV's start) / late (after its main loop),
+# PROTOCOL "as built" (the counter), "relaxed counter" or "deferred"
+VARIANTS = os.environ.get("VARIANTS", "0:as built;0:deferred;late:deferred;late:as built;1:deferred")
 results = {}
 for rounds in range(2):  # twice, interleaved: drift shows as spread
-    for use_pdl in (False, True):
-        pdl.configure({"pdl": use_pdl})
-        for relaxed, deferred in ((False, False), (True, False), (False, True)):
-            name = f"pdl={int(use_pdl)} {'relaxed counter' if relaxed else 'deferred' if deferred else 'as built'}"
-            ms = timed(relaxed, deferred)
-            results.setdefault(name, []).append(ms)
+    for variant in VARIANTS.split(";"):
+        mode, protocol = variant.split(":")
+        pdl.configure({"pdl": {"0": False, "1": True, "late": "late"}[mode]})
+        name = f"pdl={mode} {protocol}"
+        ms = timed(protocol == "relaxed counter", protocol == "deferred")
+        results.setdefault(name, []).append(ms)
 for name, ms in results.items():
     best = min(ms)
     print(f"{name:28s} {best:7.3f} ms ({', '.join(f'{t:.3f}' for t in ms)}): {total_bytes / best / 1e9:5.2f} TB/s, "

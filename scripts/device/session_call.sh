@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU call (carry [".carry"]): GPU tests, a fast 4b engine with h100_kernels.json (or $KERNELS), the decode
-# profile under each of $PROFILE_VARIANTS, and itl_ab.sh over $VARIANTS. Env: TESTS (0 skips), LINEARS=1 (the 144
+# profile under each of $PROFILE_VARIANTS, and itl_ab.sh over $VARIANTS. Env: TESTS (0 skips), TEST_FILES, TEST_K, LINEARS=1 (the 144
 # GEMVs of a step in one graph, linears_step_lab.py), WORDS_LAB=1 (gemv_words_lab.py with $LAB_* and
 # KERNELS_OUT=$OUT/kernels.json), ENGINE (0: no engine, no profile, no A/B), OUT.
 set -uo pipefail
@@ -9,10 +9,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_w4a16_kernel.py tests/test_gpu_engine.py \
+  timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_w4a16_kernel.py tests/test_gpu_engine.py} \
     -m gpu ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -12
 fi
-[ "${LINEARS:-0}" = 1 ] && timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
+[ "${LINEARS:-0}" = 1 ] && VARIANTS=${LINEAR_VARIANTS:-0:as built;0:deferred;late:deferred;late:as built;1:deferred} timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
 [ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
 [ "${ENGINE:-1}" = 1 ] || exit 0
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1
