@@ -135,13 +135,34 @@ DEFERRED_SCRIPT = textwrap.dedent("""
         assert isinstance(one, torch.Tensor)  # (no split: the GEMV stores its output itself)
         left = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg, deferred=True).materialize()
         assert not ws.any() and left.dtype == x.dtype
+        # qkv (2 q heads, 1 KV head of 16): q/k-norm + RoPE + KV write reads the sums; token 1 is padding (slot -1)
+        from qwentrt.engine.kernels.qk_norm_rope_write_kv import qk_norm_rope_write_kv
+        from qwentrt.engine.kernels.reference import rope_cos_sin_cache
+        t = random_awq(64, 512, 128)
+        x = torch.randn(2, 512)
+        cos_sin = rope_cos_sin_cache(64, 16, 10000.0, x.device)
+        qw, kw = torch.rand(16) + 0.5, torch.rand(16) + 0.5
+        pos, slots = torch.tensor([7, 9]), torch.tensor([5, -1])
+        outs = []
+        for deferred in (False, True):
+            y = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg, deferred=deferred)
+            flat = y.sums if deferred else y
+            q, k, v = flat.split([32, 16, 16], dim=-1)
+            caches = torch.zeros(4, 4, 1, 16), torch.zeros(4, 4, 1, 16)
+            q_out = qk_norm_rope_write_kv(q.view(2, 2, 16), k.view(2, 1, 16), v.view(2, 1, 16), qw, kw, 1e-6, pos,
+                                          cos_sin, *caches, slots, 1.0, 1.0, x.dtype if deferred else None)
+            outs.append((q_out, *caches))
+            assert not ws.any(), "q, k and v sums cleared, the padding token's too"
+        for a, b in zip(*outs):
+            worst = max(worst, float((a - b).abs().max() / b.abs().max()))
     print(f"WORST {worst:.3e}")
 """)
 
 
 def test_deferred_split_k_sums_are_finished_by_the_next_kernel_in_the_interpreter():
-    """w4a16_gemv_deferred: the GEMV leaves float32 sums (no tile counter, no fence) that the residual-add + RMSNorm
-    or the SiLU-mul reads, rounds as the GEMV would have and clears: the same results, the workspace zero after."""
+    """w4a16_gemv_deferred: the GEMV leaves float32 sums (no tile counter, no fence) that the residual-add + RMSNorm,
+    the SiLU-mul or the q/k-norm + RoPE + KV write reads, rounds as the GEMV would have and clears: the same results,
+    the workspace zero after."""
     worst = worst_in_the_interpreter(DEFERRED_SCRIPT)
     assert worst < 1e-5, worst
 

@@ -16,6 +16,7 @@ from torch import nn
 from qwentrt.config import EngineConfig, Qwen3Config
 from qwentrt.engine.kernels import ops
 from qwentrt.engine.kernels.prefill_attention import PrefillBatch
+from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
 
 
 @dataclass
@@ -91,9 +92,9 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(**tensors["self_attn.o_proj"], group_size=group_size)
         self.gate_up_proj = Linear.fused([tensors["mlp.gate_proj"], tensors["mlp.up_proj"]], group_size)
         self.down_proj = Linear(**tensors["mlp.down_proj"], group_size=group_size)
-        # their outputs go to fused_add_rms_norm / silu_and_mul (down's, through ops.awq_linear_of_silu_mul, to the
-        # next layer's fused_add_rms_norm)
-        self.o_proj.deferred = self.gate_up_proj.deferred = True
+        # their outputs go to qk_norm_rope_write_kv / fused_add_rms_norm / silu_and_mul (down's, through
+        # ops.awq_linear_of_silu_mul, to the next layer's fused_add_rms_norm)
+        self.qkv_proj.deferred = self.o_proj.deferred = self.gate_up_proj.deferred = True
         for name in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             self.register_buffer(name.split(".")[-1], tensors[name]["weight"])
         self.scale = cfg.head_dim ** -0.5
@@ -105,12 +106,14 @@ class DecoderLayer(nn.Module):
         eps = c.rms_norm_eps
         x, residual = ops.fused_add_rms_norm(hidden, residual, self.input_layernorm, eps)
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        sums_dtype = qkv.dtype if isinstance(qkv, SplitKSums) else None  # (deferred: float32 sums to finish)
+        q, k, v = (qkv.sums if sums_dtype else qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         t = x.shape[0]
         q = ops.qk_norm_rope_write_kv(q.view(t, c.num_attention_heads, c.head_dim),
                                       k.view(t, c.num_key_value_heads, c.head_dim),
                                       v.view(t, c.num_key_value_heads, c.head_dim), self.q_norm, self.k_norm, eps,
-                                      meta.positions, cos_sin, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+                                      meta.positions, cos_sin, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale,
+                                      sums_dtype)
         attn = ops.attention(q, k_cache, v_cache, meta, self.scale, k_scale, v_scale)
         hidden = self.o_proj(attn.reshape(t, c.q_size))
         x, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)

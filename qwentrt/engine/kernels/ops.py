@@ -77,13 +77,21 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
                           k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                          v_scale: float) -> torch.Tensor:
+                          v_scale: float, sums_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q/k RMSNorm + RoPE, k and v stored into the caches at slot_mapping (-1: skip); -> the new q. One Triton
-    kernel on CUDA; elsewhere (the CPU, FP8 before sm_89) qk_norm_rope then write_kv, each dispatched."""
+    kernel on CUDA; elsewhere (the CPU, FP8 before sm_89) qk_norm_rope then write_kv, each dispatched.
+    sums_dtype: q, k, v are views of the qkv GEMV's float32 split-K sums (SplitKSums.sums) it would have stored in
+    that dtype: read as that, and cleared."""
     if (_qk_norm_rope_write_kv.HAS_TRITON and q.is_cuda
             and (k_cache.dtype != torch.float8_e4m3fn or _has_fp8(q.device))):
         return _qk_norm_rope_write_kv.qk_norm_rope_write_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin,
-                                                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
+                                                            k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                                            sums_dtype)
+    if sums_dtype is not None:
+        rounded = [t.to(sums_dtype) for t in (q, k, v)]
+        for t in (q, k, v):
+            t.zero_()
+        q, k, v = rounded
     q, k = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin)
     write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q

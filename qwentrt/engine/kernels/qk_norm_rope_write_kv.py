@@ -45,6 +45,7 @@ if HAS_TRITON:
         stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False,
+        X_SUMS: tl.constexpr = False,
     ):
         pdl.start(PDL)
         t = tl.program_id(0).to(tl.int64)
@@ -56,36 +57,52 @@ if HAS_TRITON:
             cos, sin = load_cos_sin(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
             heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
             o1, o2, mask = norm_rope(q_ptr + t * stride_qt, q_weight_ptr, heads, num_heads, stride_qh, cos, sin,
-                                     eps, out_ty, HALF, BLOCK_HALF)
+                                     eps, out_ty, HALF, BLOCK_HALF, X_SUMS)
             dst = q_out_ptr + t * stride_qot + heads[:, None] * stride_qoh + offs_half[None, :]
             tl.store(dst, o1, mask=mask)
             tl.store(dst + HALF, o2, mask=mask)
         else:
             slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+            heads = (block - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_v = (heads < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
+            v_src = v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_d[None, :]
             if slot >= 0:  # else: a padding token, nothing to store
                 page = slot // BLOCK_SIZE
                 offset = slot % BLOCK_SIZE
                 pos = tl.load(positions_ptr + t).to(tl.int64)
                 cos, sin = load_cos_sin(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
-                heads = (block - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
                 k1, k2, mask = norm_rope(k_ptr + t * stride_kt, k_weight_ptr, heads, num_kv_heads, stride_kh, cos,
-                                         sin, eps, out_ty, HALF, BLOCK_HALF)
+                                         sin, eps, out_ty, HALF, BLOCK_HALF, X_SUMS)
                 dst = k_cache_ptr + page * stride_kcb + offset * stride_kco + heads[:, None] * stride_kch
                 cache_ty = k_cache_ptr.dtype.element_ty
                 tl.store(dst + offs_half[None, :], to_cache(k1, k_scale, cache_ty, FP8, FP8_MAX), mask=mask)
                 tl.store(dst + HALF + offs_half[None, :], to_cache(k2, k_scale, cache_ty, FP8, FP8_MAX), mask=mask)
-                offs_d = tl.arange(0, BLOCK_D)
-                mask_v = (heads < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
-                store_heads(v_ptr, v_cache_ptr, t, page, offset, heads, offs_d, mask_v, v_scale,
-                            stride_vt, stride_vh, stride_vcb, stride_vco, stride_vch, FP8, FP8_MAX)
+                if X_SUMS:  # v as the GEMV would have stored it; its sums cleared (as norm_rope clears k's)
+                    v = tl.load(v_src, mask=mask_v, other=0.0).to(out_ty)
+                    tl.store(v_src, tl.zeros([BLOCK_H, BLOCK_D], tl.float32), mask=mask_v)
+                    v_dst = (v_cache_ptr + page * stride_vcb + offset * stride_vco + heads[:, None] * stride_vch
+                             + offs_d[None, :])
+                    tl.store(v_dst, to_cache(v, v_scale, v_cache_ptr.dtype.element_ty, FP8, FP8_MAX), mask=mask_v)
+                else:
+                    store_heads(v_ptr, v_cache_ptr, t, page, offset, heads, offs_d, mask_v, v_scale,
+                                stride_vt, stride_vh, stride_vcb, stride_vco, stride_vch, FP8, FP8_MAX)
+            elif X_SUMS:  # a padding token's k and v sums are cleared all the same
+                offs_k = tl.arange(0, BLOCK_HALF)
+                mask_k = (heads < num_kv_heads)[:, None] & (offs_k < HALF)[None, :]
+                k_src = k_ptr + t * stride_kt + heads[:, None] * stride_kh + offs_k[None, :]
+                tl.store(k_src, tl.zeros([BLOCK_H, BLOCK_HALF], tl.float32), mask=mask_k)
+                tl.store(k_src + HALF, tl.zeros([BLOCK_H, BLOCK_HALF], tl.float32), mask=mask_k)
+                tl.store(v_src, tl.zeros([BLOCK_H, BLOCK_D], tl.float32), mask=mask_v)
 
 
 def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
                           k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                          v_scale: float) -> torch.Tensor:
+                          v_scale: float, sums_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`reference.qk_norm_rope_write_kv` with the Triton kernel (see the module doc): the new q; the caches
-    are written in place."""
+    are written in place. sums_dtype: q, k, v are views of a GEMV's float32 split-K sums (w4a16_gemv.SplitKSums)
+    that it would have stored in this dtype: read as that, and cleared."""
     if not HAS_TRITON:
         raise RuntimeError("qk_norm_rope_write_kv's Triton kernel needs the triton package")
     num_tokens, num_heads, head_dim = q.shape
@@ -97,8 +114,12 @@ def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
     assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
     assert k_cache.shape[2:] == (num_kv_heads, head_dim)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    out_dtype = torch.promote_types(q_weight.dtype, q.dtype)
-    assert torch.promote_types(k_weight.dtype, k.dtype) == out_dtype, "q and k are normed to one dtype"
+    if sums_dtype is not None:
+        assert q.dtype == k.dtype == v.dtype == torch.float32, "split-K sums are float32"
+        assert torch.promote_types(q_weight.dtype, sums_dtype) == sums_dtype, "sums are rounded to the output dtype"
+    in_dtype = q.dtype if sums_dtype is None else sums_dtype
+    out_dtype = torch.promote_types(q_weight.dtype, in_dtype)
+    assert torch.promote_types(k_weight.dtype, in_dtype) == out_dtype, "q and k are normed to one dtype"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     q_weight, k_weight, cos_sin = q_weight.contiguous(), k_weight.contiguous(), cos_sin.contiguous()
     q_out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
@@ -121,6 +142,7 @@ def qk_norm_rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=half, BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), num_warps=4, **pdl.launch_kwargs(q.device),
+        BLOCK_SIZE=block_size, FP8=fp8, FP8_MAX=float(FP8_E4M3_MAX), X_SUMS=sums_dtype is not None, num_warps=4,
+        **pdl.launch_kwargs(q.device),
     )
     return q_out

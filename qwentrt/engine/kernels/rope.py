@@ -43,19 +43,30 @@ if HAS_TRITON:
 
     @triton.jit
     def norm_rope(x_ptr, w_ptr, heads, num_heads, stride_h, cos, sin, eps, OUT_TY: tl.constexpr,
-                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, X_SUMS: tl.constexpr = False):
         """RMSNorm + RoPE of the heads `heads` [BLOCK_H] of one token (x_ptr at the token), rounded as the
-        reference: -> (first halves, second halves) [BLOCK_H, BLOCK_HALF] in OUT_TY, and their mask."""
+        reference: -> (first halves, second halves) [BLOCK_H, BLOCK_HALF] in OUT_TY, and their mask.
+        X_SUMS: x is a GEMV's float32 split-K sums (w4a16_gemv.SplitKSums): rounded to OUT_TY as the GEMV would
+        have stored them, and zeros stored back (same layout as the loads: each thread clears what it read)."""
         offs = tl.arange(0, BLOCK_HALF)
         mask_d = offs < HALF
         mask = (heads < num_heads)[:, None] & mask_d[None, :]
         src = x_ptr + heads[:, None] * stride_h + offs[None, :]
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(src, mask=mask, other=0.0)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0)
+        if X_SUMS:
+            x1 = x1.to(OUT_TY)
+            x2 = x2.to(OUT_TY)
+            tl.store(src, tl.zeros([heads.shape[0], BLOCK_HALF], tl.float32), mask=mask)
+            tl.store(src + HALF, tl.zeros([heads.shape[0], BLOCK_HALF], tl.float32), mask=mask)
+            in_ty = OUT_TY
+        else:
+            in_ty = x_ptr.dtype.element_ty
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + offs, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        in_ty = x_ptr.dtype.element_ty
         # rms_norm as the reference rounds it: normalized -> x's dtype, times the weight -> the output dtype
         y1 = ((x1 * rstd).to(in_ty).to(tl.float32) * w1).to(OUT_TY).to(tl.float32)
         y2 = ((x2 * rstd).to(in_ty).to(tl.float32) * w2).to(OUT_TY).to(tl.float32)
