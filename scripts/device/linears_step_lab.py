@@ -2,8 +2,8 @@
 layer, 144 GEMVs back to back in one CUDA graph, each layer its own fresh random weights (1.9 GB: out of L2), with
 the engine's GEMV configs (scripts/device/h100_kernels.json or $KERNELS). This is the issue's "linears at 1 token"
 figure with the gaps between kernels in it (gemv_words_lab.py times each shape alone). Variants ($VARIANTS): PDL off / on / late,
-the split-K counter as built / relaxed (what its acq_rel fence costs; lab only), deferred split-K (the o / gate_up /
-down GEMVs leave float32 sums; here nothing consumes them, so a replay's sums pile up: timing only).
+the split-K counter as built / relaxed (what its acq_rel fence costs; lab only), deferred split-K (all four GEMVs
+leave float32 sums; here nothing consumes them, so a replay's sums pile up: timing only).
 GPU lab, not a test.
 
     python3 scripts/device/linears_step_lab.py            # ~1 minute
@@ -43,7 +43,7 @@ def step(relaxed: bool, deferred: bool) -> None:
     for layer in weights:
         for name, n, k in SHAPES:
             w4a16_gemv(xs[k], *layer[name], GROUP, cfg[name], _lab_relaxed_counter=relaxed,
-                       deferred=deferred and name != "qkv")
+                       deferred=deferred)
 
 
 def timed(relaxed: bool, deferred: bool) -> float:
