@@ -32,7 +32,7 @@ from qwentrt.engine.kernels import w4a16_gemv  # noqa: E402
 
 ARGS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
         "count_ptr": "*i32", "N": "i32", "K": "i32", "SPLIT_K": "i32", "stride_xm": "i32", "stride_qw": "i32",
-        "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32"}
+        "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32", "stride_qt": "i32"}
 LAYOUTS = {  # kernel, its signature, default configs (the H100's tuned lanes configs; words candidates)
     "lanes": (w4a16_gemv._w4a16_gemv_kernel,
               dict(ARGS, GROUP="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", SILU_MUL="constexpr"),

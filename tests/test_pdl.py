@@ -49,7 +49,7 @@ def _ptx(fn, signature: dict, constexprs: dict, launch_pdl: bool) -> str:
 
 GEMV_ARGS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16",
              "ws_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "SPLIT_K": "i32", "stride_xm": "i32",
-             "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32"}
+             "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32", "stride_qt": "i32"}
 
 
 @pytest.mark.parametrize("layout", ["lanes", "window"])

@@ -159,6 +159,38 @@ DEFERRED_SCRIPT = textwrap.dedent("""
 """)
 
 
+TILE_MAJOR_SCRIPT = textwrap.dedent("""
+    import torch
+    from qwentrt.engine.kernels.w4a16_gemv import tile_major, w4a16_gemv
+    from tests.test_w4a16_kernel import random_awq
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    worst = 0.0
+    for layout in ("lanes", "words", "window"):
+        for n, bn, split in [(128, 64, 1), (72, 32, 2), (200, 64, 4)]:  # (72 and 200: a partial last tile)
+            t = random_awq(n, 512, 128)
+            x = torch.randn(2, 512)
+            cfg = {"BLOCK_N": bn, "BLOCK_K": 16, "SPLIT_K": split, "LAYOUT": layout}
+            want = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg)
+            tiled = tile_major(t["qweight"], bn)
+            assert tiled.shape == (-(-n // bn), 512, bn // 8)
+            got = w4a16_gemv(x, tiled, t["qzeros"], t["scales"], 128, cfg)
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+            try:
+                w4a16_gemv(x, tiled, t["qzeros"], t["scales"], 128, dict(cfg, BLOCK_N=2 * bn))
+                raise AssertionError("a tile-major weight of another BLOCK_N was accepted")
+            except ValueError as e:
+                assert "tile_major" in str(e)
+    print(f"WORST {worst:.3e}")
+""")
+
+
+def test_tile_major_weights_give_the_same_results_in_the_interpreter():
+    """`tile_major` repacks qweight so each program's rows are contiguous; the GEMV reads either layout, all three
+    kernels, partial last tiles padded: the same sums up to summation order."""
+    worst = worst_in_the_interpreter(TILE_MAJOR_SCRIPT)
+    assert worst < 1e-5, worst
+
+
 def test_deferred_split_k_sums_are_finished_by_the_next_kernel_in_the_interpreter():
     """w4a16_gemv_deferred: the GEMV leaves float32 sums (no tile counter, no fence) that the residual-add + RMSNorm,
     the SiLU-mul or the q/k-norm + RoPE + KV write reads, rounds as the GEMV would have and clears: the same results,

@@ -23,7 +23,7 @@ from gemv_lab import random_awq  # noqa: E402
 
 from qwentrt.engine.kernels import pdl  # noqa: E402
 from qwentrt.engine.kernels.w4a16 import gemv_config  # noqa: E402
-from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, w4a16_gemv  # noqa: E402
+from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, tile_major, w4a16_gemv  # noqa: E402
 from qwentrt.engine.tuning import time_in_graph  # noqa: E402
 
 SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728)]
@@ -39,15 +39,25 @@ xs = {k: torch.randn(1, k, device=dev, dtype=torch.bfloat16) for _, _, k in SHAP
 total_bytes = sum(w.numel() * w.element_size() for layer in weights for t in layer.values() for w in t)
 
 
-def step(relaxed: bool, deferred: bool) -> None:
-    for layer in weights:
+tiled_weights = None  # the same weights tile-major (w4a16_gemv.tile_major): made on first use
+
+
+def step(relaxed: bool, deferred: bool, tiled: bool) -> None:
+    for i, layer in enumerate(weights):
         for name, n, k in SHAPES:
-            w4a16_gemv(xs[k], *layer[name], GROUP, cfg[name], _lab_relaxed_counter=relaxed,
+            qweight, qzeros, scales = layer[name]
+            if tiled:
+                qweight = tiled_weights[i][name]
+            w4a16_gemv(xs[k], qweight, qzeros, scales, GROUP, cfg[name], _lab_relaxed_counter=relaxed,
                        deferred=deferred)
 
 
-def timed(relaxed: bool, deferred: bool) -> float:
-    ms = time_in_graph(lambda: step(relaxed, deferred), replays=20)
+def timed(relaxed: bool, deferred: bool, tiled: bool = False) -> float:
+    global tiled_weights
+    if tiled and tiled_weights is None:
+        tiled_weights = [{name: tile_major(layer[name][0], cfg[name]["BLOCK_N"]) for name, _, _ in SHAPES}
+                         for layer in weights]
+    ms = time_in_graph(lambda: step(relaxed, deferred, tiled), replays=20)
     reset_split_k_workspaces()  # (deferred: nothing consumed the sums)
     return ms
 
@@ -55,15 +65,15 @@ def timed(relaxed: bool, deferred: bool) -> float:
 print(f"GPU {torch.cuda.get_device_name()}; {LAYERS} layers x 4 GEMVs, {total_bytes / 1e9:.2f} GB of weights; "
       f"configs: {json.dumps(cfg)}")
 # VARIANTS: ';'-separated "PDL:PROTOCOL", PDL 0 / 1 (trigger at the GEMV's start) / late (after its main loop),
-# PROTOCOL "as built" (the counter), "relaxed counter" or "deferred"
-VARIANTS = os.environ.get("VARIANTS", "0:as built;0:deferred;late:deferred;late:as built;1:deferred")
+# PROTOCOL "as built" (the counter), "relaxed counter" or "deferred"; a third field "tiled": tile-major weights
+VARIANTS = os.environ.get("VARIANTS", "0:as built;0:deferred;0:deferred:tiled;late:deferred;late:deferred:tiled")
 results = {}
 for rounds in range(2):  # twice, interleaved: drift shows as spread
     for variant in VARIANTS.split(";"):
-        mode, protocol = variant.split(":")
+        mode, protocol, *layout = variant.split(":")
         pdl.configure({"pdl": {"0": False, "1": True, "late": "late"}[mode]})
-        name = f"pdl={mode} {protocol}"
-        ms = timed(protocol == "relaxed counter", protocol == "deferred")
+        name = f"pdl={mode} {protocol}{' tile-major' if layout == ['tiled'] else ''}"
+        ms = timed(protocol == "relaxed counter", protocol == "deferred", layout == ["tiled"])
         results.setdefault(name, []).append(ms)
 for name, ms in results.items():
     best = min(ms)

@@ -12,7 +12,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_w4a16_kernel.py tests/test_gpu_engine.py} \
     -m gpu ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -12
 fi
-[ "${LINEARS:-0}" = 1 ] && VARIANTS=${LINEAR_VARIANTS:-0:as built;0:deferred;late:deferred;late:as built;1:deferred} timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
+[ "${LINEARS:-0}" = 1 ] && VARIANTS=${LINEAR_VARIANTS:-0:as built;0:deferred;0:deferred:tiled;late:deferred;late:deferred:tiled} timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
 [ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
 [ "${ENGINE:-1}" = 1 ] || exit 0
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1

@@ -61,7 +61,7 @@ if triton is not None:
         Everything after reads what earlier kernels wrote."""
         if PDL:
             LINES: tl.constexpr = PN // 32 if PN >= 32 else 1
-            cols = tl.minimum(word0 + tl.arange(0, LINES) * 32, N // 8 - 1)
+            cols = tl.minimum(word0 + tl.arange(0, LINES) * 32, N // 8 - 1) - word0  # (qw_ptr: the tile's)
             rows = row0 + tl.arange(0, GROUP)
             pdl.prefetch_l2(qw_ptr + rows[:, None] * stride_qw + cols[None, :], PDL)
             if not PDL_LATE:
@@ -76,7 +76,7 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
-                           stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
+                           stride_xm, stride_qw, stride_qz, stride_s, stride_ym, stride_qt,
                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
                            COUNTER_SEM: tl.constexpr = "acq_rel", DEFERRED: tl.constexpr = False,
@@ -97,7 +97,9 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K  # this split's run of whole groups
         g1 = (pid_k + 1) * n_groups // SPLIT_K
+        qw_ptr += pid_n * stride_qt  # this tile's words (AWQ layout: stride_qt = PN; tile-major: K * PN)
         _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL, PDL_LATE)
+        tile_words = tl.arange(0, PN)
         out = tl.zeros([PN, 2, 4], tl.float32)
         for g in range(g0, g1):
             acc = tl.zeros([BLOCK_K, PN, 2, 4], tl.float32)
@@ -109,7 +111,7 @@ if triton is not None:
                     up = tl.load(x_ptr + m * stride_xm + K + offs_k).to(tl.float32)
                     silu = (x / (1.0 + tl.exp(-x))).to(x_ptr.dtype.element_ty).to(tl.float32)
                     x = (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-                qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :], mask=mask[None, :], other=0)
+                qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + tile_words[None, :], mask=mask[None, :], other=0)
                 acc += x[:, None, None, None] * _nibbles_scaled(qw, masks)
                 xs += x
             xq = tl.sum(acc, axis=0) * unscale  # sum_k x q, [PN, 2, 4]
@@ -238,7 +240,8 @@ if triton is not None:
     @triton.jit
     def _words_step(x_row, qw_ptr, offs_k, words, mask, stride_qw, magic, a0, a1, a2, a3, a4, a5, a6, a7, xs,
                     EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr):
-        """BLOCK_K rows of the words kernel: each word's 8 nibbles times x, into the 8 accumulators."""
+        """BLOCK_K rows of the words kernel: each word's 8 nibbles times x, into the 8 accumulators (qw_ptr: the
+        tile's first word; words: offsets in the tile)."""
         x = tl.load(x_row + offs_k).to(tl.float32)
         w_ptrs = qw_ptr + offs_k[:, None] * stride_qw + words[None, :]
         if EVEN_N:  # unmasked: the loads vectorize
@@ -272,7 +275,7 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
-                                 stride_xm, stride_qw, stride_qz, stride_s, stride_ym, magic,
+                                 stride_xm, stride_qw, stride_qz, stride_s, stride_ym, stride_qt, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
                                  EVEN_N: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
                                  KSTAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
@@ -288,7 +291,9 @@ if triton is not None:
         n_groups = K // GROUP
         g0 = pid_k * n_groups // SPLIT_K
         g1 = (pid_k + 1) * n_groups // SPLIT_K
+        qw_ptr += pid_n * stride_qt  # this tile's words (AWQ layout: stride_qt = PN; tile-major: K * PN)
         _pdl_prologue(qw_ptr, stride_qw, g0 * GROUP, pid_n * PN, N, GROUP, PN, PDL, PDL_LATE)
+        tile_words = tl.arange(0, PN)
         o0 = tl.zeros([PN], tl.float32)
         o1 = tl.zeros([PN], tl.float32)
         o2 = tl.zeros([PN], tl.float32)
@@ -310,12 +315,12 @@ if triton is not None:
             if KSTAGES == 0:  # the group's BLOCK_K-row steps unrolled; loads issued as registers allow
                 for kk in tl.static_range(0, GROUP, BLOCK_K):
                     a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
-                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, words, mask, stride_qw, magic,
+                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, tile_words, mask, stride_qw, magic,
                         a0, a1, a2, a3, a4, a5, a6, a7, xs, EVEN_N, ASM, WINDOW)
             else:  # a loop whose weight loads go through shared memory, KSTAGES steps in flight (cp.async)
                 for kk in tl.range(0, GROUP, BLOCK_K, num_stages=KSTAGES):
                     a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
-                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, words, mask, stride_qw, magic,
+                        x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, tile_words, mask, stride_qw, magic,
                         a0, a1, a2, a3, a4, a5, a6, a7, xs, EVEN_N, ASM, WINDOW)
             xsum = tl.sum(xs, axis=0)
             qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
@@ -416,10 +421,23 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return _workspaces[device]
 
 
+def tile_major(qweight: torch.Tensor, block_n: int) -> torch.Tensor:
+    """AutoAWQ's qweight [K, N/8] as [tiles, K, BLOCK_N/8]: the words of each BLOCK_N-column tile, row after row,
+    contiguous (the last tile zero-padded), so that a GEMV program's group of rows is one contiguous run of memory
+    (in the AWQ layout it is K rows of BLOCK_N/2 bytes, N/2 bytes apart). `w4a16_gemv` takes either layout."""
+    k, words = qweight.shape
+    pn = block_n // 8
+    tiles = -(-words // pn)
+    padded = torch.zeros((k, tiles * pn), dtype=qweight.dtype, device=qweight.device)
+    padded[:, :words] = qweight
+    return padded.view(k, tiles, pn).permute(1, 0, 2).contiguous()
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, config: dict | None = None, silu_mul: bool = False,
                _lab_relaxed_counter: bool = False, deferred: bool = False) -> torch.Tensor | SplitKSums:
     """x [M, K] -> [M, N] in x's dtype. Meant for M of 1 to a few: each row is its own program.
+    qweight: AutoAWQ's [K, N/8], or tile-major [tiles, K, BLOCK_N/8] (`tile_major`, of this config's BLOCK_N).
     silu_mul: x is [M, 2K] (gate | up) and the product is silu(gate) * up (activation.silu_and_mul) times W.
     _lab_relaxed_counter: labs only, never the engine: the split-K tile counter without its acq_rel fence
     (MEMBAR.ALL.GPU), which may return a sum before every split's part arrived: it times what the fence costs.
@@ -432,8 +450,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         if k % 2:
             raise ValueError(f"W4A16 GEMV: silu_mul needs x as gate | up, [M, 2K]; got {k} columns")
         k //= 2
-    if k != qweight.shape[0]:
-        raise ValueError(f"W4A16 GEMV: x has K = {k}, the weight {qweight.shape[0]}")
+    if k != qweight.shape[-2 if qweight.dim() == 3 else 0]:
+        raise ValueError(f"W4A16 GEMV: x has K = {k}, the weight {tuple(qweight.shape)}")
     n = scales.shape[1]
     block_k = min(cfg["BLOCK_K"], group_size)
     if group_size % block_k or k % group_size:
@@ -444,6 +462,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     pn = cfg["BLOCK_N"] // 8
     if cfg["BLOCK_N"] % 8 or pn < 1 or pn & (pn - 1):
         raise ValueError(f"W4A16 GEMV: BLOCK_N ({cfg['BLOCK_N']}) must be 8 times a power of two (8, 16, ..., 1024)")
+    if qweight.dim() == 3:  # tile-major (`tile_major`): [tiles, K, PN], each program's rows contiguous
+        if qweight.shape[2] != pn or qweight.shape[0] != triton.cdiv(n // 8, pn) or qweight.stride(2) != 1:
+            raise ValueError(f"W4A16 GEMV: a tile-major weight {tuple(qweight.shape)} is not of BLOCK_N "
+                             f"{cfg['BLOCK_N']} for N = {n}: repack it with tile_major(qweight, {cfg['BLOCK_N']})")
+        stride_qt, stride_qw, even_n = qweight.stride(0), qweight.stride(1), True  # (padded: every load in bounds)
+    else:
+        stride_qt, stride_qw, even_n = pn, qweight.stride(0), (n // 8) % pn == 0
     if x.stride(-1) != 1:
         x = x.contiguous()
     split = max(1, min(cfg["SPLIT_K"], k // group_size))  # a split owns whole groups
@@ -461,15 +486,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
     if layout in ("words", "window") and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
         _w4a16_gemv_words_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0),
-                                       qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+                                       stride_qw, qzeros.stride(0), scales.stride(0), out.stride(0), stride_qt,
                                        MAGIC_2_23, GROUP=group_size, PN=pn, BLOCK_K=block_k,
-                                       EVEN_N=(n // 8) % pn == 0, ASM=x.is_cuda, WINDOW=layout == "window",
+                                       EVEN_N=even_n, ASM=x.is_cuda, WINDOW=layout == "window",
                                        KSTAGES=cfg.get("KSTAGES", 0), DEFERRED=deferred,
                                        COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
         return SplitKSums(ws[:m * n].view(m, n), x.dtype) if deferred else out
-    _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), qweight.stride(0),
-                             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
+    _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0), stride_qw,
+                             qzeros.stride(0), scales.stride(0), out.stride(0), stride_qt, GROUP=group_size,
                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SILU_MUL=silu_mul, DEFERRED=deferred,
                              COUNTER_SEM="relaxed" if _lab_relaxed_counter else "acq_rel",
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
