@@ -377,3 +377,19 @@ def test_deferred_split_k_is_the_default_and_the_environment_overrides(monkeypat
     finally:
         monkeypatch.delenv("QWENTRT_GEMV_DEFERRED")
         ops.configure({})
+
+
+@pytest.mark.gpu
+def test_tile_major_weights_on_cuda():
+    """The H100's GEMV configs for Qwen3-4B's shapes over tile-major weights: the results of the AWQ layout (bf16;
+    up to the order of the split-K atomics)."""
+    from qwentrt.engine.kernels.configs import default_kernel_configs
+    from qwentrt.engine.kernels.w4a16_gemv import tile_major, w4a16_gemv
+    configs = default_kernel_configs("9.0")["w4a16_gemv"]
+    for n, k in [(6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728)]:
+        t = random_awq(n, k, 128, "cuda")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        cfg = configs[f"{n}x{k}"]
+        want = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg).float()
+        got = w4a16_gemv(x, tile_major(t["qweight"], cfg["BLOCK_N"]), t["qzeros"], t["scales"], 128, cfg).float()
+        assert float((got - want).norm() / want.norm()) < 1e-2, (n, k)
