@@ -217,3 +217,22 @@ def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout):
     for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results[True], results[False]):
         assert tokens_on[:4] == tokens_off[:4]
         assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2
+
+
+def test_tile_major_gemv_weights_change_no_result(cuda_engine, tmp_path, monkeypatch):
+    """QWENTRT_GEMV_TILE_MAJOR=1 (experimental): the GEMV reads a tile-major copy of each weight (ops.gemv_weight);
+    the same tokens and log-probabilities through the decode graphs and eager steps."""
+    from .test_engine import random_prompts
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    prompts = random_prompts([1, 2, 40])
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QWENTRT_GEMV_TILE_MAJOR", flag)
+        eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
+        tiled = eng.runner.model.layers[0].qkv_proj.qweight_gemv
+        assert (tiled is not None and tiled.dim() == 3) == (flag == "1")
+        results[flag] = [(o.token_ids, o.logprobs) for o in eng.generate(prompts, params)]
+        del eng
+    for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results["1"], results["0"]):
+        assert tokens_on[:4] == tokens_off[:4]
+        assert max(abs(a - b) for a, b in zip(lp_on[:4], lp_off[:4])) < 5e-2

@@ -51,10 +51,12 @@ class Linear(nn.Module):
         # the output may stay float32 split-K sums for the next kernel (ops.awq_linear): set where that kernel is
         # fused_add_rms_norm or silu_and_mul
         self.deferred = False
+        self.qweight_gemv = None  # (experimental: a tile-major copy for the GEMV, ops.gemv_weight)
         if self.quantized:
             self.register_buffer("qweight", qweight)
             self.register_buffer("qzeros", qzeros)
             self.register_buffer("scales", scales)
+            self.qweight_gemv = ops.gemv_weight(qweight, scales, group_size)
         else:
             self.register_buffer("weight", weight)
 
@@ -64,7 +66,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
-            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.deferred)
+            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.deferred,
+                                  self.qweight_gemv)
         return x @ self.weight.t()
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from qwentrt.engine.kernels import rope as _rope
 from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (re-exported: built once, at load)
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 from qwentrt.engine.kernels.w4a16 import awq_linear_silu_mul as _awq_linear_silu_mul
-from qwentrt.engine.kernels.w4a16 import gemv_deferred_wanted
+from qwentrt.engine.kernels.w4a16 import gemv_config, gemv_deferred_wanted, gemv_tile_major_wanted
 from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
 
 _configs: dict[str, Any] = {}
@@ -31,6 +31,7 @@ def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.clear()
     _configs.update(kernel_configs or {})
     _configs["w4a16_gemv_deferred"] = gemv_deferred_wanted(_configs)  # (the environment read once, here)
+    _configs["w4a16_gemv_tile_major"] = gemv_tile_major_wanted(_configs)
     _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 
@@ -107,9 +108,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, deferred: bool = False):
-    """deferred: the output goes to fused_add_rms_norm or silu_and_mul, which take a SplitKSums (w4a16_gemv.py)."""
-    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs, deferred)
+               group_size: int, deferred: bool = False, qweight_gemv: torch.Tensor | None = None):
+    """deferred: the output goes to a kernel that takes a SplitKSums (w4a16_gemv.py). qweight_gemv: the weight
+    tile-major for the GEMV (`gemv_weight`)."""
+    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs, deferred, qweight_gemv)
+
+
+def gemv_weight(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """A tile-major copy of qweight for the GEMV where the engine's configs ask for one (`w4a16_gemv_tile_major`,
+    experimental) and the GEMV runs this shape on CUDA; else None."""
+    if not (_configs.get("w4a16_gemv_tile_major") and qweight.is_cuda):
+        return None
+    cfg = gemv_config(_configs, 1, scales.shape[1], qweight.shape[0], group_size)
+    if cfg is None:
+        return None
+    from qwentrt.engine.kernels.w4a16_gemv import DEFAULT_CONFIG, tile_major
+    return tile_major(qweight, dict(DEFAULT_CONFIG, **cfg)["BLOCK_N"])
 
 
 def awq_linear_of_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

@@ -295,11 +295,12 @@ def decode_config(configs: dict, m: int, n: int, k: int) -> dict | None:
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, configs: dict | None = None, deferred: bool = False):
+               group_size: int, configs: dict | None = None, deferred: bool = False,
+               qweight_gemv: torch.Tensor | None = None):
     """The engine's W4A16 linear on CUDA: the Triton GEMM below `w4a16_prefill_min_tokens` tokens, the
     Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU. deferred: the caller's
     consumer takes a SplitKSums (w4a16_gemv.py), returned where the GEMV runs split and the engine's configs
-    say `w4a16_gemv_deferred: true`."""
+    say `w4a16_gemv_deferred: true`. qweight_gemv: the same weight tile-major for the GEMV (`gemv_tile_major`)."""
     configs = configs or {}
     if x.device.type != "cuda" or triton is None:
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
@@ -309,7 +310,7 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     n, k = scales.shape[1], qweight.shape[0]
     gemv = gemv_config(configs, m, n, k, group_size)
     if gemv is not None:
-        return w4a16_gemv(x, qweight, qzeros, scales, group_size, gemv,
+        return w4a16_gemv(x, qweight if qweight_gemv is None else qweight_gemv, qzeros, scales, group_size, gemv,
                           deferred=deferred and configs.get("w4a16_gemv_deferred", False))
     return w4a16_gemm(x, qweight, qzeros, scales, group_size,
                       decode_config(configs, m, scales.shape[1], qweight.shape[0]))
@@ -320,6 +321,14 @@ def gemv_deferred_wanted(configs: dict) -> bool:
     Read once, when the engine configures its kernels (ops.configure), not on every call."""
     env = os.environ.get("QWENTRT_GEMV_DEFERRED")
     return env != "0" if env is not None else bool(configs.get("w4a16_gemv_deferred", False))
+
+
+def gemv_tile_major_wanted(configs: dict) -> bool:
+    """Experimental (`w4a16_gemv_tile_major`, QWENTRT_GEMV_TILE_MAJOR=1 / 0): the model keeps a tile-major copy of
+    each INT4 weight the GEMV runs (w4a16_gemv.tile_major: a program's rows contiguous) beside the AWQ layout the
+    GEMM and the dequantization read: +50% of the linears' weight memory, for measuring the layout."""
+    env = os.environ.get("QWENTRT_GEMV_TILE_MAJOR")
+    return env != "0" if env is not None else bool(configs.get("w4a16_gemv_tile_major", False))
 
 
 def gemv_config(configs: dict, m: int, n: int, k: int, group_size: int) -> dict | None:
