@@ -97,7 +97,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(**tensors["mlp.down_proj"], group_size=group_size)
         # their outputs go to qk_norm_rope_write_kv / fused_add_rms_norm / silu_and_mul (down's, through
         # ops.awq_linear_of_silu_mul, to the next layer's fused_add_rms_norm)
-        self.qkv_proj.deferred = self.o_proj.deferred = self.gate_up_proj.deferred = True
+        self.o_proj.deferred = self.gate_up_proj.deferred = True
+        self.qkv_proj.deferred = ops.deferred_qkv()
         for name in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             self.register_buffer(name.split(".")[-1], tensors[name]["weight"])
         self.scale = cfg.head_dim ** -0.5

@@ -5,6 +5,7 @@ kernel configs (tuned at build time, or the target's defaults)."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -32,6 +33,16 @@ def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.update(kernel_configs or {})
     _configs["w4a16_gemv_deferred"] = gemv_deferred_wanted(_configs)  # (the environment read once, here)
     _configs["w4a16_gemv_tile_major"] = gemv_tile_major_wanted(_configs)
+    env = os.environ.get("QWENTRT_GEMV_DEFERRED_QKV")  # the qkv GEMV's sums to q/k-norm + RoPE + KV write (A/B)
+    _configs["w4a16_gemv_deferred_qkv"] = DEFERRED_QKV if env is None else env != "0"
+
+
+# The qkv projection's split-K sums deferred to qk_norm_rope_write_kv too (with w4a16_gemv_deferred).
+DEFERRED_QKV = True
+
+
+def deferred_qkv() -> bool:
+    return bool(_configs.get("w4a16_gemv_deferred_qkv", DEFERRED_QKV))
     _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 
