@@ -188,7 +188,7 @@ def test_programmatic_dependent_launch_changes_no_result(cuda_engine, monkeypatc
 
 
 @pytest.mark.parametrize("layout", ["lanes", "window"])
-def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout):
+def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout, monkeypatch):
     """w4a16_gemv_deferred (w4a16_gemv.SplitKSums): the o / gate_up / down GEMVs leave float32 sums for the norm and
     the SiLU-mul to finish; the same tokens and log-probabilities as the GEMV's own split-K, through the decode
     graphs and eager steps, and the workspace zero after."""
@@ -198,6 +198,7 @@ def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout):
     from .test_engine import random_prompts
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
     prompts = random_prompts([1, 2, 40])
+    monkeypatch.setenv("QWENTRT_GEMV_DEFERRED_QKV", "1")  # (the qkv GEMV's sums too)
     results = {}
     for deferred in (False, True):
         d = tmp_path / f"e{int(deferred)}"

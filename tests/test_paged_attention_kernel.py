@@ -332,7 +332,8 @@ def test_decode_cuda_graph_replay(kv_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16])
 @pytest.mark.parametrize("partition_size", [None, 256])
-def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size, dynamic):
     """The batch-1-like case of a full-width (32k-token) block table: up to 128 partitions per sequence
     arrive in any order, the last reduces. Twenty launches of the same inputs must all match the reference
     (a missed arrival or a stale partial read would show in some of them) and leave the counters zero."""
@@ -340,10 +341,10 @@ def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size
     inp = make_batch(lens, num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
                      kv_dtype=kv_dtype, device="cuda", extra_cols=0)
     ref = ref_out(inp)
-    first = run_kernel(pa, inp, partition_size)
+    first = run_kernel(pa, inp, partition_size, dynamic=dynamic)
     assert rel_err(first, ref) < 1e-2
     for _ in range(20):
-        again = run_kernel(pa, inp, partition_size)
+        again = run_kernel(pa, inp, partition_size, dynamic=dynamic)
         assert rel_err(again, ref) < 1e-2
         assert torch.equal(again, first)  # the same arithmetic in the same order, whichever program reduces
 
@@ -354,11 +355,12 @@ def test_decode_cuda_many_partitions_repeated(poisoned, kv_dtype, partition_size
 def test_decode_cuda_dynamic_partitions_graph(poisoned, kv_dtype, tile_tokens):
     """The batch-1 decode graph's case: a full-width (32k-token) block table, partitions sized from the context in
     the kernel, captured once and replayed as the context grows from 1 token to the whole table (and back to a
-    padding row of 0); the default (dynamic: None) picks them at batch 1."""
+    padding row of 0)."""
     inp = make_batch([32768], num_heads=32, num_kv_heads=8, head_dim=128, block_size=32, q_dtype=torch.bfloat16,
                      kv_dtype=kv_dtype, device="cuda", extra_cols=0)
     out = torch.empty_like(inp["q"])
-    run = lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out, tile_tokens=tile_tokens)  # noqa
+    run = lambda: pa.paged_attention_decode(**inp, partition_size=None, out=out, tile_tokens=tile_tokens,  # noqa
+                                            dynamic=True)
     run()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -37,8 +37,9 @@ def configure(kernel_configs: dict[str, Any]) -> None:
     _configs["w4a16_gemv_deferred_qkv"] = DEFERRED_QKV if env is None else env != "0"
 
 
-# The qkv projection's split-K sums deferred to qk_norm_rope_write_kv too (with w4a16_gemv_deferred).
-DEFERRED_QKV = True
+# The qkv projection's split-K sums deferred to qk_norm_rope_write_kv too (with w4a16_gemv_deferred): off until
+# checked and timed on a GPU (docs/KERNEL_NOTES.md, session 12); QWENTRT_GEMV_DEFERRED_QKV=1 turns it on.
+DEFERRED_QKV = False
 
 
 def deferred_qkv() -> bool:

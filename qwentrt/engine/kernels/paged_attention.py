@@ -64,10 +64,11 @@ TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
 # FP8 caches: dots in fp16 (see the module doc; H100, 512 sequences: 861 -> 633 us per layer, KERNEL_NOTES session 6).
 # QWENTRT_ATTN_F16=0 keeps the bf16 dots.
 ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "1") != "0"
-# Launches of fewer (sequence, KV head) pairs than SMs (batch 1 to ~16 on an H100) size their partitions from each
-# sequence's context in the kernel, down to one tile of DYNAMIC_TILE_TOKENS (see `paged_attention_decode`).
-# QWENTRT_ATTN_DYNAMIC=0 keeps the fixed partitions; QWENTRT_ATTN_DYN_TILE sets the tile (labs).
-ATTN_DYNAMIC = os.environ.get("QWENTRT_ATTN_DYNAMIC", "1") != "0"
+# QWENTRT_ATTN_DYNAMIC=1: launches of fewer (sequence, KV head) pairs than SMs (batch 1 to ~16 on an H100) size
+# their partitions from each sequence's context in the kernel, down to one tile of DYNAMIC_TILE_TOKENS (see
+# `paged_attention_decode`). Off by default until timed and checked on a GPU (docs/KERNEL_NOTES.md, session 12);
+# QWENTRT_ATTN_DYN_TILE sets the tile (labs).
+ATTN_DYNAMIC = os.environ.get("QWENTRT_ATTN_DYNAMIC", "0") == "1"
 DYNAMIC_TILE_TOKENS = int(os.environ.get("QWENTRT_ATTN_DYN_TILE", "64"))
 
 
@@ -277,8 +278,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     dynamic: partition_size is the largest partition, and each sequence's are cdiv(context, partitions) tokens
     rounded up to whole tiles, so a short context is split as finely as a long one (fixed partitions leave a
     384-token context of a batch-1 step in 2 of 128 partitions: 16 programs for 132 SMs, each walking its tiles
-    one after the other). Default: when batch * KV heads is below the SM count (and not one partition), with
-    tiles of DYNAMIC_TILE_TOKENS unless tile_tokens says otherwise.
+    one after the other). Default (with $QWENTRT_ATTN_DYNAMIC=1): when batch * KV heads is below the SM count (and
+    not one partition), with tiles of DYNAMIC_TILE_TOKENS unless tile_tokens says otherwise.
     out: optional [B, H, D] buffer to write into."""
     if not HAS_TRITON:
         raise RuntimeError("paged_attention_decode needs triton")
