@@ -35,6 +35,20 @@ def test_pdl_is_off_unless_the_engine_or_the_environment_asks(monkeypatch):
     assert not pdl._wanted["on"] and not pdl.late_trigger()
 
 
+def test_the_engine_configuration_reaches_pdl(monkeypatch):
+    """ops.configure (what the model calls with the engine's kernel configs) configures PDL too."""
+    from qwentrt.engine.kernels import ops
+    monkeypatch.delenv("QWENTRT_PDL", raising=False)
+    ops.configure({"pdl": "late"})
+    assert pdl._wanted == {"on": True, "late": True}
+    monkeypatch.setenv("QWENTRT_PDL", "1")
+    ops.configure({"pdl": False})
+    assert pdl._wanted == {"on": True, "late": False}
+    monkeypatch.delenv("QWENTRT_PDL")
+    ops.configure({})
+    assert pdl._wanted == {"on": False, "late": False}
+
+
 def _ptx(fn, signature: dict, constexprs: dict, launch_pdl: bool) -> str:
     import triton
     from triton.backends.compiler import GPUTarget

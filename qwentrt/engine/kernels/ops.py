@@ -35,16 +35,17 @@ def configure(kernel_configs: dict[str, Any]) -> None:
     _configs["w4a16_gemv_tile_major"] = gemv_tile_major_wanted(_configs)
     env = os.environ.get("QWENTRT_GEMV_DEFERRED_QKV")  # the qkv GEMV's sums to q/k-norm + RoPE + KV write (A/B)
     _configs["w4a16_gemv_deferred_qkv"] = DEFERRED_QKV if env is None else env != "0"
+    _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 
-# The qkv projection's split-K sums deferred to qk_norm_rope_write_kv too (with w4a16_gemv_deferred): off until
-# checked and timed on a GPU (docs/KERNEL_NOTES.md, session 12); QWENTRT_GEMV_DEFERRED_QKV=1 turns it on.
-DEFERRED_QKV = False
+# The qkv projection's split-K sums deferred to qk_norm_rope_write_kv too (with w4a16_gemv_deferred). H100, batch-1
+# decode step: the qkv GEMVs -44 us, q/k-norm + RoPE + KV write +30 us (it reads float32 and clears them), the step
+# 2471 -> 2452 us (docs/KERNEL_NOTES.md, session 12). QWENTRT_GEMV_DEFERRED_QKV=0 turns it off.
+DEFERRED_QKV = True
 
 
 def deferred_qkv() -> bool:
     return bool(_configs.get("w4a16_gemv_deferred_qkv", DEFERRED_QKV))
-    _pdl.configure(_configs)  # programmatic dependent launch: `"pdl": true` (pdl.py)
 
 
 @functools.lru_cache(maxsize=None)

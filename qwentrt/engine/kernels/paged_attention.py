@@ -66,8 +66,9 @@ TILE_BYTES = 16384  # default tile: 16 KiB of K (and of V) per loop step
 ATTN_F16 = os.environ.get("QWENTRT_ATTN_F16", "1") != "0"
 # QWENTRT_ATTN_DYNAMIC=1: launches of fewer (sequence, KV head) pairs than SMs (batch 1 to ~16 on an H100) size
 # their partitions from each sequence's context in the kernel, down to one tile of DYNAMIC_TILE_TOKENS (see
-# `paged_attention_decode`). Off by default until timed and checked on a GPU (docs/KERNEL_NOTES.md, session 12);
-# QWENTRT_ATTN_DYN_TILE sets the tile (labs).
+# `paged_attention_decode`). Off by default: checked on the H100, but at a 150-token context a layer's decode
+# attention went from 6.62 to 6.53 us only (docs/KERNEL_NOTES.md, session 12), so its latency is not the tiles one
+# program walks; QWENTRT_ATTN_DYN_TILE sets the tile (labs).
 ATTN_DYNAMIC = os.environ.get("QWENTRT_ATTN_DYNAMIC", "0") == "1"
 DYNAMIC_TILE_TOKENS = int(os.environ.get("QWENTRT_ATTN_DYN_TILE", "64"))
 
