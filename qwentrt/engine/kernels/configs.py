@@ -29,10 +29,11 @@ _GEMV_H100 = {
     "default": _GEMV_SAFE,
 }
 
-# w4a16_gemv_deferred: the o / gate_up / down GEMVs leave float32 split-K sums for the next kernel to finish (no
+# w4a16_gemv_deferred: the qkv / o / gate_up / down GEMVs leave float32 split-K sums for the next kernel to finish (no
 # tile counter, no fence a program; w4a16_gemv.SplitKSums). H100: the 144 GEMVs of a step 1.593 -> 1.415 ms, ITL
 # 2.5 -> 2.4 ms (docs/KERNEL_NOTES.md, session 11). Kept by `qwentrt build --tune` (the tuner adds tile configs).
-# Programmatic dependent launch ("pdl", kernels/pdl.py) stays off: it made the same 144 GEMVs slower (1.93 ms).
+# Programmatic dependent launch ("pdl", kernels/pdl.py) stays off: it made the same 144 GEMVs slower (1.93 ms;
+# "late", the GEMV's trigger after its main loop: 1.52 against 1.45 ms, session 12).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "8.9": {"w4a16_decode": _w4a16(2), "w4a16_prefill_min_tokens": 512,  # from here on: dequantize + cuBLAS
             "w4a16_gemv_max_tokens": 1, "w4a16_gemv": {"default": _GEMV_SAFE}, "w4a16_gemv_deferred": True},

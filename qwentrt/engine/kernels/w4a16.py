@@ -326,7 +326,7 @@ def gemv_deferred_wanted(configs: dict) -> bool:
 def gemv_tile_major_wanted(configs: dict) -> bool:
     """Experimental (`w4a16_gemv_tile_major`, QWENTRT_GEMV_TILE_MAJOR=1 / 0): the model keeps a tile-major copy of
     each INT4 weight the GEMV runs (w4a16_gemv.tile_major: a program's rows contiguous) beside the AWQ layout the
-    GEMM and the dequantization read: +50% of the linears' weight memory, for measuring the layout."""
+    GEMM and the dequantization read: about twice the linears' weight memory, for measuring the layout."""
     env = os.environ.get("QWENTRT_GEMV_TILE_MAJOR")
     return env != "0" if env is not None else bool(configs.get("w4a16_gemv_tile_major", False))
 
