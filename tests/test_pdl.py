@@ -66,19 +66,23 @@ GEMV_ARGS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf
              "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32", "stride_ym": "i32", "stride_qt": "i32"}
 
 
-@pytest.mark.parametrize("layout", ["lanes", "window"])
-def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
+def _gemv_ptx(layout: str, deferred: bool, pdl_on: bool, late: bool = False) -> str:
+    """PTX of the GEMV kernel of this layout ("lanes" or "window") for sm_90."""
     from qwentrt.engine.kernels import w4a16_gemv as g
     if layout == "lanes":
         fn, sig = g._w4a16_gemv_kernel, GEMV_ARGS
-        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel",
-                 "DEFERRED": False}
+        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False}
     else:
         fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
-        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
-                 "COUNTER_SEM": "acq_rel", "DEFERRED": False}
-    on = _ptx(fn, sig, dict(const, PDL=True, PDL_LATE=False), True)
-    off = _ptx(fn, sig, dict(const, PDL=False, PDL_LATE=False), False)
+        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0}
+    const.update(COUNTER_SEM="acq_rel", DEFERRED=deferred, PDL=pdl_on, PDL_LATE=late)
+    return _ptx(fn, sig, const, pdl_on)
+
+
+@pytest.mark.parametrize("layout", ["lanes", "window"])
+def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
+    on = _gemv_ptx(layout, deferred=False, pdl_on=True)
+    off = _gemv_ptx(layout, deferred=False, pdl_on=False)
     assert "griddepcontrol" not in off and "prefetch.global.L2" not in off
     wait = on.index("griddepcontrol.wait")
     assert on.index("prefetch.global.L2") < on.index("griddepcontrol.launch_dependents") < wait
@@ -89,21 +93,13 @@ def test_the_gemv_prefetches_its_weights_then_waits_before_reading_x(layout):
 @pytest.mark.parametrize("layout", ["lanes", "window"])
 def test_the_gemv_late_trigger_comes_after_its_main_loop(layout):
     """"pdl": "late": the prefetch and the wait as before, the trigger after every weight load (only the split-K
-    epilogue after it)."""
-    from qwentrt.engine.kernels import w4a16_gemv as g
-    if layout == "lanes":
-        fn, sig = g._w4a16_gemv_kernel, GEMV_ARGS
-        const = {"GROUP": 128, "BLOCK_N": 128, "BLOCK_K": 16, "SILU_MUL": False, "COUNTER_SEM": "acq_rel",
-                 "DEFERRED": True}
-    else:
-        fn, sig = g._w4a16_gemv_words_kernel, dict(GEMV_ARGS, magic="i32")
-        const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "EVEN_N": True, "ASM": True, "WINDOW": True, "KSTAGES": 0,
-                 "COUNTER_SEM": "acq_rel", "DEFERRED": True}
-    late = _ptx(fn, sig, dict(const, PDL=True, PDL_LATE=True), True)
+    epilogue's atomics after it)."""
+    late = _gemv_ptx(layout, deferred=True, pdl_on=True, late=True)
     wait = late.index("griddepcontrol.wait")
     trigger = late.index("griddepcontrol.launch_dependents")
     assert late.index("prefetch.global.L2") < wait < trigger and "ld.global" not in late[:wait]
-    assert "ld.global" not in late[trigger:] and "red.global" in late[trigger:] or "atom.global" in late[trigger:]
+    assert "ld.global" not in late[trigger:]
+    assert "red.global" in late[trigger:] or "atom.global" in late[trigger:]
 
 
 def test_small_kernels_wait_first_under_pdl():

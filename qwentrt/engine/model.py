@@ -49,7 +49,7 @@ class Linear(nn.Module):
         self.group_size = group_size
         self.quantized = weight is None
         # the output may stay float32 split-K sums for the next kernel (ops.awq_linear): set where that kernel is
-        # fused_add_rms_norm or silu_and_mul
+        # qk_norm_rope_write_kv, fused_add_rms_norm or silu_and_mul
         self.deferred = False
         self.qweight_gemv = None  # (experimental: a tile-major copy for the GEMV, ops.gemv_weight)
         if self.quantized:
