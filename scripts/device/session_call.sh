@@ -1,7 +1,8 @@
 #!/bin/bash
 # One GPU call (carry [".carry"]): GPU tests, a fast 4b engine with h100_kernels.json (or $KERNELS), the decode
 # profile under each of $PROFILE_VARIANTS, and itl_ab.sh over $VARIANTS. Env: TESTS (0 skips), TEST_FILES, TEST_K, LINEARS=1 (the 144
-# GEMVs of a step in one graph, linears_step_lab.py), WORDS_LAB=1 (gemv_words_lab.py with $LAB_* and
+# GEMVs of a step in one graph, linears_step_lab.py), STREAM=1 (stream_lab.py: the persistent GEMV, read floors;
+# $OUT/stream_lab.log, $OUT/kernels-stream.json), WORDS_LAB=1 (gemv_words_lab.py with $LAB_* and
 # KERNELS_OUT=$OUT/kernels.json), ENGINE (0: no engine, no profile, no A/B), OUT.
 set -uo pipefail
 eval "$(bash .carry/setup.sh)"
@@ -13,6 +14,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     -m gpu ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -12
 fi
 [ "${LINEARS:-0}" = 1 ] && VARIANTS=${LINEAR_VARIANTS:-0:as built;0:deferred;0:deferred:tiled;late:deferred;late:deferred:tiled} timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
+[ "${STREAM:-0}" = 1 ] && OUT=$OUT STREAM_OUT=$OUT/kernels-stream.json timeout ${STREAM_LIMIT:-330} python3 scripts/device/stream_lab.py 2>&1 | tee "$OUT/stream_lab.log" | tail -70
 [ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
 [ "${ENGINE:-1}" = 1 ] || exit 0
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1

@@ -20,7 +20,8 @@ column tile recomputes its K range of the product, a few exps per thousand nibbl
 
 LAYOUT (a config key): "lanes" (the kernel first below, the default) spreads a word's 8 nibbles over 8 threads;
 "words" (the second) has each thread own whole words, ~4.1 against ~5.7 SASS instructions per nibble on sm_90
-(scripts/sass_lab.py reads them on the CPU). Build-time tuning times both.
+(scripts/sass_lab.py reads them on the CPU). Build-time tuning times both. "stream" is the persistent GEMV of
+w4a16_gemv_stream.py (one wave of programs streaming tile-major weights; its own config keys).
 
 Split-K partial sums go to a float32 workspace with atomic adds; the last split of each tile to finish
 (an atomic counter per tile) writes the output in x's dtype and puts the workspace and its counter back
@@ -399,7 +400,7 @@ class SplitKSums:
 
     def materialize(self) -> torch.Tensor:
         """The output as a tensor in `dtype`; the workspace cleared."""
-        out = self.sums.to(self.dtype)
+        out = self.sums.to(self.dtype, copy=True)  # (a copy even in float32: the sums are zeroed next)
         self.sums.zero_()
         return out
 
@@ -445,6 +446,10 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if triton is None:
         raise RuntimeError("the W4A16 GEMV kernel needs the triton package")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if cfg.get("LAYOUT") == "stream" and not silu_mul:  # the persistent GEMV over tile-major weights
+        from qwentrt.engine.kernels.w4a16_gemv_stream import w4a16_gemv_stream
+        sums = w4a16_gemv_stream(x, qweight, qzeros, scales, group_size, config)
+        return sums if deferred else sums.materialize()
     m, k = x.shape
     if silu_mul:
         if k % 2:
@@ -482,8 +487,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if launch["PDL"]:
         launch["PDL_LATE"] = pdl.late_trigger()
     layout = cfg.get("LAYOUT", "lanes")
-    if layout not in ("lanes", "words", "window"):
-        raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words' or 'window', got {layout!r}")
+    if layout not in ("lanes", "words", "window", "stream"):
+        raise ValueError(f"W4A16 GEMV: LAYOUT must be 'lanes', 'words', 'window' or 'stream', got {layout!r}")
     if layout in ("words", "window") and not silu_mul:  # (the fused SiLU-mul exists in the lanes kernel only)
         _w4a16_gemv_words_kernel[grid](x, qweight, qzeros, scales, out, ws, counts, n, k, split, x.stride(0),
                                        stride_qw, qzeros.stride(0), scales.stride(0), out.stride(0), stride_qt,
