@@ -221,8 +221,9 @@ def test_deferred_split_k_changes_no_result(cuda_engine, tmp_path, layout, monke
 
 
 def test_tile_major_gemv_weights_change_no_result(cuda_engine, tmp_path, monkeypatch):
-    """QWENTRT_GEMV_TILE_MAJOR=1 (experimental): the GEMV reads a tile-major copy of each weight (ops.gemv_weight);
-    the same tokens and log-probabilities through the decode graphs and eager steps."""
+    """QWENTRT_GEMV_TILE_MAJOR=1 (experimental): each INT4 weight the GEMV runs is kept tile-major, its only copy
+    (ops.pack_weight), and the GEMV, the GEMM and the dequantization all read it; the same tokens and
+    log-probabilities through the decode graphs and eager steps."""
     from .test_engine import random_prompts
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
     prompts = random_prompts([1, 2, 40])
@@ -230,8 +231,10 @@ def test_tile_major_gemv_weights_change_no_result(cuda_engine, tmp_path, monkeyp
     for flag in ("0", "1"):
         monkeypatch.setenv("QWENTRT_GEMV_TILE_MAJOR", flag)
         eng = LLMEngine(cuda_engine, device="cuda", num_blocks=256)
-        tiled = eng.runner.model.layers[0].qkv_proj.qweight_gemv
-        assert (tiled is not None and tiled.dim() == 3) == (flag == "1")
+        for layer in eng.runner.model.layers:
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                assert lin.qweight.dim() == (3 if flag == "1" else 2)
+                assert [name for name, _ in lin.named_buffers()] == ["qweight", "qzeros", "scales"]  # one copy
         results[flag] = [(o.token_ids, o.logprobs) for o in eng.generate(prompts, params)]
         del eng
     for (tokens_on, lp_on), (tokens_off, lp_off) in zip(results["1"], results["0"]):

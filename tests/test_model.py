@@ -87,3 +87,34 @@ def test_fp8_kv_stays_within_bound_of_bf16_kv(bf16_engine, bf16_fp8kv_engine):
     fp8 = teacher_forced_logits(bf16_fp8kv_engine, ids, 40)
     # E4M3 keeps 3 mantissa bits (~3% per element); through 2 layers the logits move by a few percent.
     assert rel(fp8, exact) < 0.05, rel(fp8, exact)
+
+
+def test_tile_major_int4_weights_are_the_only_copy_and_change_no_logits(tiny_engine, monkeypatch):
+    """`w4a16_gemv_tile_major`: each INT4 linear keeps its weight tile-major as its only buffer (no AWQ copy beside
+    it) and every path reads it: the same logits. The engine does so on CUDA only (ops.TILE_MAJOR_DEVICES); here the
+    CPU is let in, where the reference untiles the weight. BLOCK_N 512 leaves the 768- and 256-column linears' last
+    tile padded."""
+    import json
+    import shutil
+    from qwentrt.engine.kernels import ops
+    d = tiny_engine.parent / "tiny-awq-tile-major"
+    if not d.exists():
+        shutil.copytree(tiny_engine, d)
+        data = json.loads((d / "engine.json").read_text())
+        data["kernels"]["w4a16_gemv"] = {"default": {"BLOCK_N": 512, "BLOCK_K": 16, "SPLIT_K": 4, "LAYOUT": "words"}}
+        (d / "engine.json").write_text(json.dumps(data))
+    monkeypatch.setattr(ops, "TILE_MAJOR_DEVICES", ("cuda", "cpu"))
+    ids = torch.randint(0, 151000, (40,)).tolist()
+    logits = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QWENTRT_GEMV_TILE_MAJOR", flag)
+        eng = LLMEngine(d, device=DEVICE, dtype=torch.float32, num_blocks=32, allow_gpu_mismatch=True)
+        for layer in eng.runner.model.layers:
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                assert [name for name, _ in lin.named_buffers()] == ["qweight", "qzeros", "scales"]
+                assert lin.qweight.dim() == (3 if flag == "1" else 2)
+                n, k = lin.out_features, lin.qzeros.shape[0] * lin.group_size
+                assert lin.qweight.shape == ((-(-n // 512), k, 64) if flag == "1" else (k, n // 8))
+        del eng
+        logits[flag] = teacher_forced_logits(d, ids, 13)
+    assert torch.equal(logits["1"], logits["0"])

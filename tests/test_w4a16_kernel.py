@@ -191,6 +191,154 @@ def test_tile_major_weights_give_the_same_results_in_the_interpreter():
     assert worst < 1e-5, worst
 
 
+STREAM_SCRIPT = textwrap.dedent("""
+    import torch
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, tile_major, w4a16_gemv
+    from tests.test_w4a16_kernel import random_awq
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    worst = 0.0
+    # (m, n, k, group, BLOCK_N, ROWS, programs, window, BLOCK_K, STAGES): spans that start and end mid-tile,
+    # a program per item, a partial last tile (72, 200), two rows, the words and window arithmetic
+    for m, n, k, group, bn, rows, programs, window, bk, stages in [
+            (1, 64, 256, 128, 32, 128, 3, True, 16, 0), (2, 72, 512, 128, 16, 64, 7, False, 16, 0),
+            (1, 200, 256, 64, 64, 32, 5, True, 8, 2), (1, 128, 256, 128, 64, 128, 100, False, 32, 3)]:
+        t = random_awq(n, k, group)
+        x = torch.randn(m, k) * (1 + 10 * (torch.rand(k) < 0.02))
+        ref = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], group)
+        cfg = {"LAYOUT": "stream", "BLOCK_N": bn, "ROWS": rows, "PROGRAMS": programs, "WINDOW": window,
+               "BLOCK_K": bk, "STAGES": stages}
+        sums = w4a16_gemv(x, tile_major(t["qweight"], bn), t["qzeros"], t["scales"], group, cfg, deferred=True)
+        got = sums.materialize()
+        assert not split_k_workspace(x.device)[0].any(), "materialize leaves the workspace zero"
+        worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
+        got = w4a16_gemv(x, tile_major(t["qweight"], bn), t["qzeros"], t["scales"], group, cfg)  # (not deferred)
+        worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
+        try:
+            w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], group, cfg)
+            raise AssertionError("the AWQ layout was accepted by the stream GEMV")
+        except ValueError as e:
+            assert "tile_major" in str(e)
+    print(f"WORST {worst:.3e}")
+""")
+
+
+def test_stream_gemv_matches_reference_in_the_interpreter():
+    """The persistent GEMV (w4a16_gemv_stream.py): each program a contiguous span of (tile, rows) items of the
+    tile-major weight, sums kept per tile and added once; float32 with a few outlier channels (the window
+    arithmetic's ~1e-4, as in the window test)."""
+    worst = worst_in_the_interpreter(STREAM_SCRIPT)
+    assert worst < 1e-3, worst
+
+
+TILE_MAJOR_GEMM_SCRIPT = textwrap.dedent("""
+    import torch
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, w4a16_gemm
+    from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, tile_major
+    from tests.test_w4a16_kernel import random_awq
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    worst = 0.0
+    # (N, group, the tile's BLOCK_N, the GEMM's BLOCK_N, SPLIT_K): tiles narrower than the GEMM's, as wide, wider;
+    # 200 and 72 columns leave the last tile padded
+    for n, group, tile_bn, gemm_bn, split in [(200, 64, 64, 32, 1), (72, 128, 32, 64, 2), (200, 64, 16, 128, 3),
+                                              (128, 128, 64, 64, 1), (200, 64, 256, 64, 2)]:
+        t = random_awq(n, 256, group)
+        tiled = tile_major(t["qweight"], tile_bn)
+        assert tiled.shape == (-(-n // tile_bn), 256, tile_bn // 8)
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(5, 256, dtype=dtype)
+            scales = t["scales"].to(dtype)
+            cfg = {"BLOCK_M": 16, "BLOCK_N": gemm_bn, "BLOCK_K": min(64, group), "SPLIT_K": split}
+            for _ in range(2):  # twice: the split-K workspace and counters must come back to zero
+                want = w4a16_gemm(x, t["qweight"], t["qzeros"], scales, group, cfg).float()
+                got = w4a16_gemm(x, tiled, t["qzeros"], scales, group, cfg).float()
+                assert not torch.isnan(got).any()
+                worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+            want = awq_dequantize(t["qweight"], t["qzeros"], scales, group, dtype)
+            assert torch.equal(awq_dequantize(tiled, t["qzeros"], scales, group, dtype), want), (n, tile_bn, dtype)
+        ws, counts = split_k_workspace(torch.device("cpu"))
+        assert not ws.any() and not counts.any()
+    print(f"WORST {worst:.3e}")
+""")
+
+
+def test_gemm_and_dequantize_read_tile_major_weights_in_the_interpreter():
+    """`w4a16_gemv_tile_major` keeps the tile-major weight as the only copy, so the GEMM and the dequantization read it
+    too (TILE_PN, stride_qt): the AWQ layout's results, at any GEMM BLOCK_N against the tile width, padded last tiles
+    included (float32 and fp16; the dequantization bit for bit)."""
+    worst = worst_in_the_interpreter(TILE_MAJOR_GEMM_SCRIPT)
+    assert worst < 1e-6, worst
+
+
+def test_tile_major_weights_are_checked_with_a_clear_error():
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, awq_linear, w4a16_gemm
+    from qwentrt.engine.kernels.w4a16_gemv import tile_major
+    t = random_awq(200, 256, 64)
+    tiled = tile_major(t["qweight"], 64)  # 25 words in 4 tiles of 8
+    x = torch.randn(3, 256)
+    args = (t["qzeros"], t["scales"], 64)
+    k_from_scales = "but the scales \\(4 groups of 64\\) say K = 256"
+    for bad, match in [(tiled[:-1], "needs 4 tiles"),  # another N's tiles
+                       (tile_major(t["qweight"][:, :16], 64), "needs 4 tiles"),
+                       (tiled[:, :128].contiguous(), "has K = 128 rows, but x has K = 256"),  # another K
+                       (tiled[:, :128], "contiguous"),
+                       (tiled.transpose(1, 2).contiguous().transpose(1, 2), "contiguous"),
+                       (tiled[None], "AutoAWQ's \\[K, N/8\\] or tile-major"),
+                       (t["qweight"][:, :24], "25 packed columns expected")]:
+        with pytest.raises(ValueError, match=match):
+            w4a16_gemm(x, bad, *args)
+        match = match.replace("but x has K = 256", k_from_scales)
+        with pytest.raises(ValueError, match=match):
+            awq_dequantize(bad, *args, torch.float32)
+        with pytest.raises(ValueError, match=match):
+            awq_linear(x, bad, *args)  # (the CPU: the reference checks it the same way)
+
+
+def test_the_reference_reads_tile_major_weights():
+    """The CPU path (reference.awq_linear) untiles a tile-major weight (reference.awq_layout): the same bits."""
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16 import awq_linear
+    from qwentrt.engine.kernels.w4a16_gemv import tile_major
+    for n, bn in [(200, 64), (256, 128), (72, 1024)]:
+        t = random_awq(n, 256, 128)
+        tiled = tile_major(t["qweight"], bn)
+        assert torch.equal(reference.awq_layout(tiled, n), t["qweight"])
+        assert reference.awq_layout(t["qweight"], n) is t["qweight"]
+        x = torch.randn(4, 256)
+        want = reference.awq_linear(x, t["qweight"], t["qzeros"], t["scales"], 128)
+        assert torch.equal(reference.awq_linear(x, tiled, t["qzeros"], t["scales"], 128), want)
+        assert torch.equal(awq_linear(x, tiled, t["qzeros"], t["scales"], 128), want)
+
+
+def test_pack_weight_keeps_one_layout_and_the_gemv_reads_it_at_its_tile_width(monkeypatch):
+    """ops.pack_weight: tile-major at the GEMV's BLOCK_N for the shape where `w4a16_gemv_tile_major` is on (on CUDA;
+    here with the CPU let in), else the AWQ tensor itself; w4a16.at_tile_width runs the GEMV at the weight's width."""
+    from qwentrt.engine.kernels import ops
+    from qwentrt.engine.kernels.configs import default_kernel_configs
+    from qwentrt.engine.kernels.w4a16 import at_tile_width
+    monkeypatch.delenv("QWENTRT_GEMV_TILE_MAJOR", raising=False)
+    t = random_awq(6144, 256, 128)
+    try:
+        cfg = default_kernel_configs("9.0")
+        cfg["w4a16_gemv"]["6144x256"] = {"BLOCK_N": 512, "LAYOUT": "words"}
+        ops.configure(dict(cfg, w4a16_gemv_tile_major=True))
+        assert ops.pack_weight(t["qweight"], t["scales"], 128) is t["qweight"]  # (the CPU: the reference's layout)
+        monkeypatch.setattr(ops, "TILE_MAJOR_DEVICES", ("cuda", "cpu"))
+        tiled = ops.pack_weight(t["qweight"], t["scales"], 128)
+        assert tiled.shape == (12, 256, 64) and tiled.is_contiguous()
+        assert ops.pack_weight(tiled, t["scales"], 128) is tiled
+        ops.configure(dict(cfg, w4a16_gemv_tile_major=False))
+        assert ops.pack_weight(t["qweight"], t["scales"], 128) is t["qweight"]
+        ops.configure(dict(cfg, w4a16_gemv_tile_major=True, w4a16_gemv_max_tokens=0))  # the GEMV never runs
+        assert ops.pack_weight(t["qweight"], t["scales"], 128) is t["qweight"]
+    finally:
+        ops.configure({})
+    gemv = {"BLOCK_N": 512, "LAYOUT": "words"}
+    assert at_tile_width(gemv, tiled) is gemv and at_tile_width(gemv, t["qweight"]) is gemv
+    assert at_tile_width({"LAYOUT": "words"}, tiled) == {"BLOCK_N": 512, "LAYOUT": "words"}
+    assert at_tile_width(dict(gemv, BLOCK_N=128), tiled)["BLOCK_N"] == 512  # (configs changed after packing)
+
+
 def test_deferred_split_k_sums_are_finished_by_the_next_kernel_in_the_interpreter():
     """w4a16_gemv_deferred: the GEMV leaves float32 sums (no tile counter, no fence) that the residual-add + RMSNorm,
     the SiLU-mul or the q/k-norm + RoPE + KV write reads, rounds as the GEMV would have and clears: the same results,
@@ -281,6 +429,45 @@ def test_ptx_dequantize_is_exact_and_large_tiles_on_cuda():
     for split in (1, 3):
         out = w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], 64, {"BLOCK_N": 128, "SPLIT_K": split})
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, split
+
+
+@pytest.mark.gpu
+def test_gemm_and_dequantize_over_tile_major_weights_on_cuda():
+    """Qwen3-4B's qkv and down shapes in bf16 (the inline-PTX dequantization): the GEMM at several BLOCK_N and the
+    dequantization over tile-major weights of several tile widths give the AWQ layout's results (the dequantization
+    bit for bit, the GEMM without a split too; with one, up to the order of the split-K atomics), and so does
+    awq_linear at each of its paths (GEMV, GEMM, dequantize + cuBLAS) with the H100's configs."""
+    from qwentrt.engine.kernels.configs import default_kernel_configs
+    from qwentrt.engine.kernels.w4a16 import awq_dequantize, awq_linear, bf16_ptx, w4a16_gemm
+    from qwentrt.engine.kernels.w4a16_gemv import tile_major
+    configs = default_kernel_configs("9.0")
+    for n, k in [(6144, 2560), (2560, 9728)]:
+        t = random_awq(n, k, 128, "cuda")
+        t["scales"] = t["scales"].to(torch.bfloat16)
+        awq = (t["qweight"], t["qzeros"], t["scales"], 128)
+        assert bf16_ptx(torch.empty(1, device="cuda", dtype=torch.bfloat16), t["scales"])
+        w = awq_dequantize(*awq, torch.bfloat16)
+        for tile_bn in (128, 256, 1024):  # (2560 columns: 320 words, a padded last tile at 256 and 1024)
+            tiled = tile_major(t["qweight"], tile_bn)
+            tm = (tiled, t["qzeros"], t["scales"], 128)
+            assert torch.equal(awq_dequantize(*tm, torch.bfloat16), w), (n, k, tile_bn)
+            for m, cfg in [(16, {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1}),
+                           (16, {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 8}),
+                           (64, {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 2}),
+                           (200, {"BLOCK_M": 128, "BLOCK_N": 256, "SPLIT_K": 1})]:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                want = w4a16_gemm(x, *awq, cfg).float()
+                got = w4a16_gemm(x, *tm, cfg).float()
+                if cfg["SPLIT_K"] == 1:
+                    assert torch.equal(got, want), (n, k, tile_bn, m, cfg)
+                else:
+                    assert float((got - want).norm() / want.norm()) < 1e-2, (n, k, tile_bn, m, cfg)
+        tiled = tile_major(t["qweight"], configs["w4a16_gemv"][f"{n}x{k}"]["BLOCK_N"])  # as ops.pack_weight does
+        for m in (1, 2, 16, 600):  # the GEMV, the GEMM, dequantize + cuBLAS
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = awq_linear(x, *awq, configs).float()
+            got = awq_linear(x, tiled, t["qzeros"], t["scales"], 128, configs).float()
+            assert float((got - want).norm() / want.norm()) < 1e-2, (n, k, m)
 
 
 def test_decode_config_picks_bucket_then_shape():
@@ -393,3 +580,27 @@ def test_tile_major_weights_on_cuda():
         want = w4a16_gemv(x, t["qweight"], t["qzeros"], t["scales"], 128, cfg).float()
         got = w4a16_gemv(x, tile_major(t["qweight"], cfg["BLOCK_N"]), t["qzeros"], t["scales"], 128, cfg).float()
         assert float((got - want).norm() / want.norm()) < 1e-2, (n, k)
+
+
+@pytest.mark.gpu
+def test_stream_gemv_on_cuda():
+    """The persistent GEMV at Qwen3-4B's four shapes in bf16 over tile-major weights, one wave of programs on this
+    GPU's SMs and a few other grids (spans crossing tiles), deferred and not, against the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from qwentrt.engine.kernels import reference
+    from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, tile_major, w4a16_gemv
+    for n, k in [(6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728)]:
+        t = random_awq(n, k, 128, "cuda")
+        t["scales"] = t["scales"].to(torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = reference.awq_linear(x.float(), t["qweight"], t["qzeros"], t["scales"].float(), 128)
+        for cfg in [{"BLOCK_N": 256, "PER_SM": 8, "num_warps": 1}, {"BLOCK_N": 128, "PROGRAMS": 77, "ROWS": 64},
+                    {"BLOCK_N": 256, "PER_SM": 2, "num_warps": 4, "BLOCK_K": 16, "STAGES": 3, "WINDOW": False}]:
+            cfg = dict(cfg, LAYOUT="stream")
+            tiled = tile_major(t["qweight"], cfg["BLOCK_N"])
+            got = w4a16_gemv(x, tiled, t["qzeros"], t["scales"], 128, cfg, deferred=True).materialize()
+            assert float((got.float() - ref).norm() / ref.norm()) < 1e-2, (n, k, cfg)
+            assert not split_k_workspace(x.device)[0].any()
+            got = w4a16_gemv(x, tiled, t["qzeros"], t["scales"], 128, cfg)
+            assert float((got.float() - ref).norm() / ref.norm()) < 1e-2, (n, k, cfg)

@@ -41,7 +41,9 @@ class AttentionMetadata:
 
 
 class Linear(nn.Module):
-    """y = x @ W^T with W bf16 [N, K] or INT4 AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N])."""
+    """y = x @ W^T with W bf16 [N, K] or INT4 AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]). An INT4
+    weight is kept in the layout ops.pack_weight picks, its only copy: AutoAWQ's, or tile-major [tiles, K, PN]
+    (`w4a16_gemv_tile_major`); K is qweight.shape[-2] either way."""
 
     def __init__(self, weight: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
                  qzeros: torch.Tensor | None = None, scales: torch.Tensor | None = None, group_size: int = 128):
@@ -51,12 +53,10 @@ class Linear(nn.Module):
         # the output may stay float32 split-K sums for the next kernel (ops.awq_linear): set where that kernel is
         # qk_norm_rope_write_kv, fused_add_rms_norm or silu_and_mul
         self.deferred = False
-        self.qweight_gemv = None  # (experimental: a tile-major copy for the GEMV, ops.gemv_weight)
         if self.quantized:
-            self.register_buffer("qweight", qweight)
+            self.register_buffer("qweight", ops.pack_weight(qweight, scales, group_size))
             self.register_buffer("qzeros", qzeros)
             self.register_buffer("scales", scales)
-            self.qweight_gemv = ops.gemv_weight(qweight, scales, group_size)
         else:
             self.register_buffer("weight", weight)
 
@@ -66,8 +66,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
-            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.deferred,
-                                  self.qweight_gemv)
+            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.deferred)
         return x @ self.weight.t()
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -78,7 +77,8 @@ class Linear(nn.Module):
 
     @classmethod
     def fused(cls, parts: list[dict[str, torch.Tensor]], group_size: int) -> "Linear":
-        """Concatenate several linears' output features (q|k|v, gate|up) into one."""
+        """Concatenate several linears' output features (q|k|v, gate|up) into one (parts: the checkpoint's
+        tensors, AutoAWQ's layout; the concatenation is packed as the Linear keeps it, then dropped)."""
         if "weight" in parts[0]:
             return cls(weight=torch.cat([p["weight"] for p in parts], dim=0))
         return cls(qweight=torch.cat([p["qweight"] for p in parts], dim=1),
@@ -127,6 +127,9 @@ class DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, engine: EngineConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                  max_positions: int):
+        """tensors: the engine's weights by name, consumed: a layer's entries leave the dict once its modules hold
+        them, so the linears' concatenations and repacks (ops.pack_weight) hold a second copy of one layer at a
+        time, not of the whole model."""
         super().__init__()
         cfg = engine.model
         self.cfg = cfg
@@ -143,10 +146,10 @@ class Qwen3Model(nn.Module):
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             per: dict[str, dict[str, torch.Tensor]] = {}
-            for name, t in tensors.items():
-                if name.startswith(p):
-                    module, _, kind = name[len(p):].rpartition(".")
-                    per.setdefault(module, {})[kind] = t if t.dtype in (torch.int32, torch.float16) else t.to(dtype)
+            for name in [name for name in tensors if name.startswith(p)]:
+                t = tensors.pop(name)
+                module, _, kind = name[len(p):].rpartition(".")
+                per.setdefault(module, {})[kind] = t if t.dtype in (torch.int32, torch.float16) else t.to(dtype)
             for parts in per.values():
                 if "scales" in parts:
                     parts["scales"] = parts["scales"].to(dtype)

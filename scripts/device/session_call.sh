@@ -14,7 +14,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     -m gpu ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -12
 fi
 [ "${LINEARS:-0}" = 1 ] && VARIANTS=${LINEAR_VARIANTS:-0:as built;0:deferred;0:deferred:tiled;late:deferred;late:deferred:tiled} timeout 150 python3 scripts/device/linears_step_lab.py 2>&1 | tail -12
-[ "${STREAM:-0}" = 1 ] && OUT=$OUT STREAM_OUT=$OUT/kernels-stream.json timeout ${STREAM_LIMIT:-330} python3 scripts/device/stream_lab.py 2>&1 | tee "$OUT/stream_lab.log" | tail -70
+[ "${STREAM:-0}" = 1 ] && OUT=$OUT STREAM_OUT=$OUT/kernels-stream.json timeout ${STREAM_LIMIT:-330} python3 scripts/device/stream_lab.py 2>&1 | tee "$OUT/stream_lab.log" | grep -v "^  " | tail -30
 [ "${WORDS_LAB:-0}" = 1 ] && KERNELS_OUT=$OUT/kernels.json timeout ${LAB_LIMIT:-240} python3 scripts/device/gemv_words_lab.py 2>&1 | tail -40
 [ "${ENGINE:-1}" = 1 ] || exit 0
 python3 -m qwentrt.cli synth /tmp/ckpt-4b --preset 4b --force 2>&1 | tail -1

@@ -68,10 +68,10 @@ else:  # a dry run of the script's logic: TRITON_INTERPRET=1 on the CPU, small s
 configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
 tuned = {name: gemv_config(dict(configs, w4a16_gemv_max_tokens=1), 1, n, k, GROUP) for name, n, k in SHAPES}
 READ = [tuple(int(v) for v in c.split(",")) for c in
-        os.environ.get("LAB_READ", "2,4,1024,0;4,4,1024,0;8,4,1024,0;4,4,1024,3;2,8,2048,3").split(";")]
+        os.environ.get("LAB_READ", "4,4,1024,0;8,4,1024,0;4,4,1024,3").split(";")]
 STREAM = [tuple(int(v) for v in c.split(",")) for c in os.environ.get(
-    "LAB_STREAM", "256,8,1,128,0,8;256,4,2,128,0,8;256,2,4,128,0,16;256,4,1,128,0,8;256,8,1,64,0,8;"
-                  "256,2,4,128,3,16;256,1,4,128,4,16;128,8,1,128,0,8").split(";")]
+    "LAB_STREAM", "256,8,1,128,0,8;256,4,2,128,0,8;256,2,4,128,0,16;256,8,1,64,0,8;256,2,4,128,3,16;"
+                  "128,8,1,128,0,8").split(";")]
 
 
 def stream_cfg(c: tuple) -> dict:
@@ -188,6 +188,12 @@ def main() -> None:
     if os.environ.get("OUT"):
         json.dump({"shapes": rows, "step_ms": results}, open(os.path.join(os.environ["OUT"], "stream_lab.json"), "w"),
                   indent=1)
+    if os.environ.get("OUT") and best_stream:  # {"NxK": config} where stream beats the split-K GEMV, for
+        # QWENTRT_GEMV_CONFIGS (ops.configure) in an A/B of the engine
+        wins = {f"{n}x{k}": stream_cfg(best_stream[name][0]) for name, n, k in SHAPES if name in best_stream
+                and best_stream[name][1] < min(r["split_k_us"] for r in rows if r["shape"] == name)}
+        json.dump(wins, open(os.path.join(os.environ["OUT"], "stream-gemv.json"), "w"), indent=1)
+        print("stream winners (QWENTRT_GEMV_CONFIGS):", sorted(wins), flush=True)
     if os.environ.get("STREAM_OUT") and len(best_stream) == len(SHAPES):
         kernels = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
         for name, n, k in SHAPES:

@@ -5,6 +5,7 @@ kernel configs (tuned at build time, or the target's defaults)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -23,7 +24,8 @@ from qwentrt.engine.kernels.reference import rope_cos_sin_cache  # noqa: F401  (
 from qwentrt.engine.kernels.w4a16 import awq_linear as _awq_linear
 from qwentrt.engine.kernels.w4a16 import awq_linear_silu_mul as _awq_linear_silu_mul
 from qwentrt.engine.kernels.w4a16 import gemv_config, gemv_deferred_wanted, gemv_tile_major_wanted
-from qwentrt.engine.kernels.w4a16_gemv import SplitKSums
+from qwentrt.engine.kernels.w4a16_gemv import DEFAULT_CONFIG as GEMV_DEFAULT_CONFIG
+from qwentrt.engine.kernels.w4a16_gemv import SplitKSums, tile_major
 
 _configs: dict[str, Any] = {}
 
@@ -31,6 +33,10 @@ _configs: dict[str, Any] = {}
 def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.clear()
     _configs.update(kernel_configs or {})
+    override = os.environ.get("QWENTRT_GEMV_CONFIGS")  # labs / A/B: {"NxK": GEMV config} over the engine's
+    if override:
+        with open(override) as f:
+            _configs["w4a16_gemv"] = dict(_configs.get("w4a16_gemv", {}), **json.load(f))
     _configs["w4a16_gemv_deferred"] = gemv_deferred_wanted(_configs)  # (the environment read once, here)
     _configs["w4a16_gemv_tile_major"] = gemv_tile_major_wanted(_configs)
     env = os.environ.get("QWENTRT_GEMV_DEFERRED_QKV")  # the qkv GEMV's sums to q/k-norm + RoPE + KV write (A/B)
@@ -121,22 +127,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, deferred: bool = False, qweight_gemv: torch.Tensor | None = None):
-    """deferred: the output goes to a kernel that takes a SplitKSums (w4a16_gemv.py). qweight_gemv: the weight
-    tile-major for the GEMV (`gemv_weight`)."""
-    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs, deferred, qweight_gemv)
+               group_size: int, deferred: bool = False):
+    """qweight: as `pack_weight` left it (either layout). deferred: the output goes to a kernel that takes a
+    SplitKSums (w4a16_gemv.py)."""
+    return _awq_linear(x, qweight, qzeros, scales, group_size, _configs, deferred)
 
 
-def gemv_weight(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """A tile-major copy of qweight for the GEMV where the engine's configs ask for one (`w4a16_gemv_tile_major`,
-    experimental) and the GEMV runs this shape on CUDA; else None."""
-    if not (_configs.get("w4a16_gemv_tile_major") and qweight.is_cuda):
-        return None
+# Where the model keeps INT4 weights tile-major when asked (`pack_weight`): the GEMV runs on CUDA only; elsewhere the
+# torch reference would untile the weight on every call. (Tests add "cpu" to check the engine over either layout.)
+TILE_MAJOR_DEVICES = ("cuda",)
+
+
+def pack_weight(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The layout the model keeps an INT4 weight in, its only copy: tile-major (w4a16_gemv.tile_major, at the BLOCK_N
+    of the GEMV's config for the shape: a GEMV program's rows contiguous) where the engine's configs ask for it
+    (`w4a16_gemv_tile_major`, experimental, or the shape's GEMV is the "stream" one), the weight is on CUDA and the
+    GEMV runs the shape at one token; else AutoAWQ's qweight itself. Every W4A16 path reads either (w4a16.py); the caller drops the AWQ tensor it passed."""
+    if not (qweight.device.type in TILE_MAJOR_DEVICES and qweight.dim() == 2):
+        return qweight
     cfg = gemv_config(_configs, 1, scales.shape[1], qweight.shape[0], group_size)
-    if cfg is None:
-        return None
-    from qwentrt.engine.kernels.w4a16_gemv import DEFAULT_CONFIG, tile_major
-    return tile_major(qweight, dict(DEFAULT_CONFIG, **cfg)["BLOCK_N"])
+    if cfg is None or not (_configs.get("w4a16_gemv_tile_major") or cfg.get("LAYOUT") == "stream"):
+        return qweight  # (the persistent "stream" GEMV reads tile-major weights only: packed whatever the knob)
+    return tile_major(qweight, dict(GEMV_DEFAULT_CONFIG, **cfg)["BLOCK_N"])
 
 
 def awq_linear_of_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

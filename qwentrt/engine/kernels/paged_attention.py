@@ -93,7 +93,10 @@ def _num_sms(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _default_num_stages(device: torch.device) -> int:
     """3 on Hopper (measured best there); 2 elsewhere: 3 stages of 128-token FP8 K and V tiles take 96 KiB
-    of shared memory, at the limit of an sm_89 block."""
+    of shared memory, at the limit of an sm_89 block. QWENTRT_ATTN_STAGES overrides (labs: at batch 1 a partition
+    is 1-3 tiles, where the pipeline's prologue may cost more than it hides)."""
+    if os.environ.get("QWENTRT_ATTN_STAGES"):
+        return int(os.environ["QWENTRT_ATTN_STAGES"])
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return 3
     return 2

@@ -55,10 +55,54 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def check_qweight(qweight: torch.Tensor, n: int, k: int | None = None, k_from: str = "the input has") -> None:
+    """A ValueError a person can act on unless qweight is an INT4 weight of n columns: AutoAWQ's [K, N/8] or tile-major
+    [tiles, K, PN] (w4a16_gemv.tile_major: PN packed columns a tile, the last one zero-padded, contiguous), of k rows
+    where the caller knows K (k_from: whose K, "x has"). Every W4A16 entry point checks its weight with this."""
+    words = -(-n // 8)
+    if qweight.dim() == 2:
+        if qweight.shape[1] != words:
+            raise ValueError(f"W4A16: qweight {tuple(qweight.shape)} is not AutoAWQ's [K, N/8] for N = {n} (the "
+                             f"scales' columns): {words} packed columns expected")
+    elif qweight.dim() == 3:
+        tiles, _, pn = qweight.shape
+        need = -(-words // max(pn, 1))
+        if pn < 1 or tiles != need:
+            raise ValueError(f"W4A16: a tile-major qweight {tuple(qweight.shape)} (tiles of {pn} packed columns) does "
+                             f"not hold N = {n} (the scales' columns, {words} packed): it needs {need} tiles; repack "
+                             f"the AWQ weight with w4a16_gemv.tile_major(qweight, BLOCK_N)")
+        if not qweight.is_contiguous():
+            raise ValueError(f"W4A16: a tile-major qweight must be contiguous (strides {qweight.stride()}, shape "
+                             f"{tuple(qweight.shape)}); w4a16_gemv.tile_major returns it so, as .contiguous() does")
+    else:
+        raise ValueError(f"W4A16: qweight must be AutoAWQ's [K, N/8] or tile-major [tiles, K, PN] "
+                         f"(w4a16_gemv.tile_major), got shape {tuple(qweight.shape)}")
+    if k is not None and qweight.shape[-2] != k:
+        raise ValueError(f"W4A16: qweight {tuple(qweight.shape)} has K = {qweight.shape[-2]} rows, but {k_from} K = "
+                         f"{k}")
+
+
+def groups_k(scales: torch.Tensor, group_size: int) -> tuple[int, str]:
+    """(K, whose K) as the scales' groups say, for check_qweight."""
+    return scales.shape[0] * group_size, f"the scales ({scales.shape[0]} groups of {group_size}) say"
+
+
+def awq_layout(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """qweight in AutoAWQ's layout [K, N/8]: itself, or a tile-major one (w4a16_gemv.tile_major) untiled (a copy;
+    n, the columns, drops the last tile's padding)."""
+    check_qweight(qweight, n)
+    if qweight.dim() == 2:
+        return qweight
+    tiles, k, pn = qweight.shape
+    return qweight.permute(1, 0, 2).reshape(k, tiles * pn)[:, :-(-n // 8)]
+
+
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                    dtype: torch.dtype) -> torch.Tensor:
-    """AutoAWQ GEMM tensors -> W^T [K, N] in dtype (the matmul's right operand)."""
-    q = unpack_int4(qweight)
+    """AutoAWQ GEMM tensors -> W^T [K, N] in dtype (the matmul's right operand). qweight may be tile-major
+    (w4a16_gemv.tile_major): untiled first."""
+    check_qweight(qweight, scales.shape[1], *groups_k(scales, group_size))
+    q = unpack_int4(awq_layout(qweight, scales.shape[1]))
     z = unpack_int4(qzeros).repeat_interleave(group_size, dim=0)
     s = scales.to(torch.float32).repeat_interleave(group_size, dim=0)
     return ((q - z).to(torch.float32) * s).to(dtype)

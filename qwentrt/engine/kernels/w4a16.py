@@ -2,7 +2,10 @@
 
 qweight int32 [K, N/8] holds eight 4-bit values per int32 along N; logical column 8c + j sits in
 nibble (0, 4, 1, 5, 2, 6, 3, 7)[j] of packed column c (AutoAWQ's interleave). qzeros [K/G, N/8] the
-same way, scales [K/G, N]. W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
+same way, scales [K/G, N]. W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]. Every kernel here also reads
+qweight tile-major, [tiles, K, PN] (w4a16_gemv.tile_major: PN packed columns a tile, the last one zero-padded), the
+layout the engine keeps instead of AutoAWQ's where `w4a16_gemv_tile_major` is on (one copy: the GEMV reads it at its
+BLOCK_N = 8 PN, the GEMM and the dequantization at theirs). K is qweight.shape[-2] in either layout.
 
 One Triton kernel covers the decode range: tiles of BLOCK_M x BLOCK_N outputs, the K loop split
 SPLIT_K ways across programs, partial sums added atomically in a persistent float32 workspace whose
@@ -22,6 +25,9 @@ import os
 import torch
 
 from qwentrt.engine.kernels import reference
+from qwentrt.engine.kernels.reference import awq_layout  # noqa: F401  (re-exported: untiles a tile-major weight)
+from qwentrt.engine.kernels.reference import check_qweight, groups_k
+from qwentrt.engine.kernels.w4a16_gemv import DEFAULT_CONFIG as GEMV_DEFAULT_CONFIG
 from qwentrt.engine.kernels.w4a16_gemv import split_k_workspace, w4a16_gemv
 
 try:
@@ -112,10 +118,24 @@ if triton is not None:
         return tl.reshape(_bf16_halves(r), (R, PN * 8))  # column 2p + h
 
     @triton.jit
+    def _word_offsets(offs_k, offs_pn, stride_qw, stride_qt, TILE_PN: tl.constexpr):
+        """[BLOCK_K, PN] offsets of the packed words of rows offs_k, packed columns offs_pn. TILE_PN 0: AutoAWQ's
+        [K, N/8], k * stride_qw + w (what the kernels compiled before tile-major weights); else tile-major
+        [tiles, K, TILE_PN] (w4a16_gemv.tile_major), (w // TILE_PN) * stride_qt + k * stride_qw + w % TILE_PN, a
+        constexpr power of two in practice (a shift and a mask), any BLOCK_N of the kernel against any tile width."""
+        if TILE_PN == 0:
+            offs = offs_k[:, None] * stride_qw + offs_pn[None, :]
+        else:
+            offs = offs_k[:, None] * stride_qw + ((offs_pn // TILE_PN) * stride_qt + offs_pn % TILE_PN)[None, :]
+        return offs
+
+    @triton.jit
     def _w4a16_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, M, N, K,
-                      stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
+                      stride_xm, stride_qw, stride_qz, stride_s, stride_ym, stride_qt,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee", BF16_PTX: tl.constexpr = False):
+                      SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee", BF16_PTX: tl.constexpr = False,
+                      TILE_PN: tl.constexpr = 0):
+        """TILE_PN, stride_qt: qweight's layout (`_word_offsets`: 0 for AutoAWQ's, stride_qt then unused)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -136,8 +156,8 @@ if triton is not None:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            qw_packed = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
-                                mask=mask_k[:, None] & mask_pn[None, :], other=0)
+            qw_packed = tl.load(qw_ptr + _word_offsets(offs_k, offs_pn, stride_qw, stride_qt, TILE_PN),
+                                mask=mask_k[:, None] & mask_pn[None, :], other=0)  # (tile-major: padding masked too)
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per K tile
             if BF16_PTX:  # s_ptr: the scales viewed as int32 (bf16 pairs); stride_s in int32s
                 qzw = tl.load(qz_ptr + g * stride_qz + offs_pn, mask=mask_pn, other=0)
@@ -177,10 +197,10 @@ if triton is not None:
 
     @triton.jit
     def _awq_dequantize_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, stride_qw, stride_qz, stride_s, stride_w,
-                               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BF16_PTX: tl.constexpr = False):
+                               stride_qt, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BF16_PTX: tl.constexpr = False, TILE_PN: tl.constexpr = 0):
         """W^T [K, N] in w's dtype from the packed tensors: one [BLOCK_K, BLOCK_N] tile per program (BLOCK_K
-        divides the group: one group per tile)."""
+        divides the group: one group per tile). TILE_PN, stride_qt: qweight's layout (`_word_offsets`)."""
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -190,7 +210,7 @@ if triton is not None:
         mask_n = offs_n < N
         mask_pn = offs_pn < tl.cdiv(N, 8)
         mask = mask_k[:, None] & mask_n[None, :]
-        qw = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_pn[None, :],
+        qw = tl.load(qw_ptr + _word_offsets(offs_k, offs_pn, stride_qw, stride_qt, TILE_PN),
                      mask=mask_k[:, None] & mask_pn[None, :], other=0)
         g = pid_k * BLOCK_K // GROUP
         if BF16_PTX:  # s_ptr: the scales viewed as int32 (bf16 pairs); stride_s in int32s
@@ -232,18 +252,29 @@ def _scales_arg(scales: torch.Tensor, ptx: bool) -> tuple[torch.Tensor, int]:
     return scales, scales.stride(0)
 
 
+def _layout_args(qweight: torch.Tensor, n: int, k: int, k_from: str) -> tuple[int, int, int]:
+    """(stride_qw, stride_qt, TILE_PN): qweight's layout as the kernels take it (`_word_offsets`), after
+    `reference.check_qweight`. AutoAWQ's: TILE_PN 0, the kernels as before tile-major weights."""
+    check_qweight(qweight, n, k, k_from)
+    if qweight.dim() == 3:
+        return qweight.stride(1), qweight.stride(0), qweight.shape[2]
+    return qweight.stride(0), 0, 0
+
+
 # Best of five configs timed on the H100 (docs/KERNEL_NOTES.md); build-time tuning replaces it per shape.
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype, with the Triton kernel."""
+    """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype, with the Triton kernel. qweight: AutoAWQ's [K, N/8] or
+    tile-major [tiles, K, PN] (w4a16_gemv.tile_major, of any tile width)."""
     if triton is None:
         raise RuntimeError("the W4A16 Triton kernel needs the triton package")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     m, k = x.shape
     n = scales.shape[1]
+    stride_qw, stride_qt, tile_pn = _layout_args(qweight, n, k, "x has")
     if group_size % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] = group_size  # a K tile must stay inside one group
     x = x.contiguous()
@@ -256,10 +287,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ptx = bf16_ptx(x, scales)
     s_arg, stride_s = _scales_arg(scales, ptx)
-    _w4a16_kernel[grid](x, qweight, qzeros, s_arg, out, ws, counts, m, n, k, x.stride(0), qweight.stride(0),
-                        qzeros.stride(0), stride_s, out.stride(0), GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
+    _w4a16_kernel[grid](x, qweight, qzeros, s_arg, out, ws, counts, m, n, k, x.stride(0), stride_qw,
+                        qzeros.stride(0), stride_s, out.stride(0), stride_qt, GROUP=group_size, BLOCK_M=cfg["BLOCK_M"],
                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BF16_PTX=ptx,
+                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BF16_PTX=ptx, TILE_PN=tile_pn,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -267,17 +298,19 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """W^T [K, N] in dtype (`reference.awq_dequantize` with one Triton kernel): for many tokens, where a
-    cuBLAS matmul on the dequantized weight beats the W4A16 kernel."""
+    cuBLAS matmul on the dequantized weight beats the W4A16 kernel. qweight: AutoAWQ's [K, N/8] or tile-major
+    [tiles, K, PN] (w4a16_gemv.tile_major)."""
     if triton is None:
         raise RuntimeError("the W4A16 dequantize kernel needs the triton package")
-    k, n = qweight.shape[0], scales.shape[1]
+    k, n = qweight.shape[-2], scales.shape[1]
+    stride_qw, stride_qt, tile_pn = _layout_args(qweight, n, *groups_k(scales, group_size))
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     block_k, block_n = min(32, group_size), 128
     ptx = bf16_ptx(w, scales)
     s_arg, stride_s = _scales_arg(scales, ptx)
     _awq_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-        qweight, qzeros, s_arg, w, n, k, qweight.stride(0), qzeros.stride(0), stride_s, w.stride(0),
-        GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, BF16_PTX=ptx, num_warps=4)
+        qweight, qzeros, s_arg, w, n, k, stride_qw, qzeros.stride(0), stride_s, w.stride(0), stride_qt,
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_N=block_n, BF16_PTX=ptx, TILE_PN=tile_pn, num_warps=4)
     return w
 
 
@@ -295,25 +328,37 @@ def decode_config(configs: dict, m: int, n: int, k: int) -> dict | None:
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, configs: dict | None = None, deferred: bool = False,
-               qweight_gemv: torch.Tensor | None = None):
-    """The engine's W4A16 linear on CUDA: the Triton GEMM below `w4a16_prefill_min_tokens` tokens, the
-    Triton dequantize + a cuBLAS matmul from there on; the torch reference on the CPU. deferred: the caller's
-    consumer takes a SplitKSums (w4a16_gemv.py), returned where the GEMV runs split and the engine's configs
-    say `w4a16_gemv_deferred: true`. qweight_gemv: the same weight tile-major for the GEMV (`gemv_tile_major`)."""
+               group_size: int, configs: dict | None = None, deferred: bool = False):
+    """The engine's W4A16 linear on CUDA: the GEMV up to `w4a16_gemv_max_tokens`, the Triton GEMM below
+    `w4a16_prefill_min_tokens` tokens, the Triton dequantize + a cuBLAS matmul from there on; the torch reference on
+    the CPU. qweight: AutoAWQ's [K, N/8] or tile-major [tiles, K, PN] (`w4a16_gemv_tile_major`, ops.pack_weight):
+    every path reads either. deferred: the caller's consumer takes a SplitKSums (w4a16_gemv.py), returned where the
+    GEMV runs split and the engine's configs say `w4a16_gemv_deferred: true`."""
     configs = configs or {}
     if x.device.type != "cuda" or triton is None:
         return reference.awq_linear(x, qweight, qzeros, scales, group_size)
     m = x.shape[0]
     if m >= configs.get("w4a16_prefill_min_tokens", 512):
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
-    n, k = scales.shape[1], qweight.shape[0]
+    n, k = scales.shape[1], qweight.shape[-2]  # (K: qweight's rows in either layout)
     gemv = gemv_config(configs, m, n, k, group_size)
     if gemv is not None:
-        return w4a16_gemv(x, qweight if qweight_gemv is None else qweight_gemv, qzeros, scales, group_size, gemv,
+        return w4a16_gemv(x, qweight, qzeros, scales, group_size, at_tile_width(gemv, qweight),
                           deferred=deferred and configs.get("w4a16_gemv_deferred", False))
-    return w4a16_gemm(x, qweight, qzeros, scales, group_size,
-                      decode_config(configs, m, scales.shape[1], qweight.shape[0]))
+    return w4a16_gemm(x, qweight, qzeros, scales, group_size, decode_config(configs, m, n, k))
+
+
+def at_tile_width(gemv: dict, qweight: torch.Tensor) -> dict:
+    """The GEMV config for qweight: as it is for AutoAWQ's layout; for a tile-major weight, at its tile width
+    (BLOCK_N = 8 PN, which the GEMV reads it at). ops.pack_weight tiles a weight at its shape's GEMV BLOCK_N, so
+    this changes nothing unless the engine's configs changed after the weights were packed. The persistent GEMV
+    ("stream", w4a16_gemv_stream.py) reads tile-major weights only: over AutoAWQ's layout the split-K GEMV's
+    default config runs instead."""
+    if gemv.get("LAYOUT") == "stream" and qweight.dim() == 2:
+        return dict(GEMV_DEFAULT_CONFIG)
+    if qweight.dim() == 3 and gemv.get("BLOCK_N", GEMV_DEFAULT_CONFIG["BLOCK_N"]) != 8 * qweight.shape[2]:
+        return dict(gemv, BLOCK_N=8 * qweight.shape[2])
+    return gemv
 
 
 def gemv_deferred_wanted(configs: dict) -> bool:
@@ -324,9 +369,10 @@ def gemv_deferred_wanted(configs: dict) -> bool:
 
 
 def gemv_tile_major_wanted(configs: dict) -> bool:
-    """Experimental (`w4a16_gemv_tile_major`, QWENTRT_GEMV_TILE_MAJOR=1 / 0): the model keeps a tile-major copy of
-    each INT4 weight the GEMV runs (w4a16_gemv.tile_major: a program's rows contiguous) beside the AWQ layout the
-    GEMM and the dequantization read: about twice the linears' weight memory, for measuring the layout."""
+    """Experimental (`w4a16_gemv_tile_major`, QWENTRT_GEMV_TILE_MAJOR=1 / 0): the model keeps each INT4 weight the
+    GEMV runs tile-major (w4a16_gemv.tile_major at the GEMV's BLOCK_N for the shape: a program's rows contiguous)
+    instead of in AutoAWQ's layout, its only copy (the GEMM and the dequantization read it too; ops.pack_weight).
+    Off by default until measured on a GPU."""
     env = os.environ.get("QWENTRT_GEMV_TILE_MAJOR")
     return env != "0" if env is not None else bool(configs.get("w4a16_gemv_tile_major", False))
 
@@ -351,10 +397,10 @@ def awq_linear_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: to
     configs = configs or {}
     if gate_up.device.type != "cuda" or triton is None or not configs.get("w4a16_gemv_silu_mul", False):
         return None
-    n, k = scales.shape[1], qweight.shape[0]
+    n, k = scales.shape[1], qweight.shape[-2]  # (K: qweight's rows in either layout)
     if gate_up.shape[-1] != 2 * k:
         return None
     gemv = gemv_config(configs, gate_up.shape[0], n, k, group_size)
     if gemv is None:
         return None
-    return w4a16_gemv(gate_up, qweight, qzeros, scales, group_size, gemv, silu_mul=True)
+    return w4a16_gemv(gate_up, qweight, qzeros, scales, group_size, at_tile_width(gemv, qweight), silu_mul=True)
