@@ -566,6 +566,35 @@ def test_deferred_split_k_is_the_default_and_the_environment_overrides(monkeypat
         ops.configure({})
 
 
+def test_stream_configs_pack_tile_major_and_the_environment_overrides_gemv_configs(monkeypatch, tmp_path):
+    """A shape whose GEMV is the persistent "stream" one keeps its weight tile-major whatever the tile-major knob
+    says (the stream GEMV reads no other layout; over an AWQ-layout weight the split-K default runs instead), and
+    QWENTRT_GEMV_CONFIGS puts {"NxK": config} over the engine's GEMV configs when the kernels are configured."""
+    import json
+    from qwentrt.engine.kernels import ops
+    from qwentrt.engine.kernels.w4a16 import at_tile_width
+    from qwentrt.engine.kernels.w4a16_gemv import DEFAULT_CONFIG
+    stream = {"LAYOUT": "stream", "BLOCK_N": 64, "PER_SM": 4}
+    path = tmp_path / "gemv.json"
+    path.write_text(json.dumps({"128x256": stream}))
+    monkeypatch.setenv("QWENTRT_GEMV_CONFIGS", str(path))
+    monkeypatch.delenv("QWENTRT_GEMV_TILE_MAJOR", raising=False)
+    monkeypatch.setattr(ops, "TILE_MAJOR_DEVICES", ("cpu",))
+    t = random_awq(128, 256, 128)
+    try:
+        ops.configure({"w4a16_gemv_max_tokens": 1, "w4a16_gemv": {"default": {"BLOCK_N": 32}}})
+        assert ops._configs["w4a16_gemv"]["128x256"] == stream and not ops._configs["w4a16_gemv_tile_major"]
+        packed = ops.pack_weight(t["qweight"], t["scales"], 128)
+        assert packed.shape == (2, 256, 8)  # tile-major at the stream config's BLOCK_N
+        other = random_awq(64, 256, 128)  # another shape: the default config, the knob off: AutoAWQ's layout
+        assert ops.pack_weight(other["qweight"], other["scales"], 128) is other["qweight"]
+        assert at_tile_width(stream, t["qweight"]) == DEFAULT_CONFIG
+        assert at_tile_width(stream, packed) == stream
+    finally:
+        monkeypatch.delenv("QWENTRT_GEMV_CONFIGS")
+        ops.configure({})
+
+
 @pytest.mark.gpu
 def test_tile_major_weights_on_cuda():
     """The H100's GEMV configs for Qwen3-4B's shapes over tile-major weights: the results of the AWQ layout (bf16;
