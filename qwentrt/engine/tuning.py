@@ -53,8 +53,13 @@ def gemv_candidates() -> list[dict[str, Any]]:
     window = ((256, 8, 1), (256, 8, 2), (256, 8, 4), (512, 8, 2))  # (the H100's best words-family tiles, session 10)
     tiles = [(bn, bk, w, "lanes") for bn, bk, w in lanes] + [(bn, bk, w, "words") for bn, bk, w in words] + \
         [(bn, bk, w, "window") for bn, bk, w in window]
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2, "LAYOUT": layout}
-            for (bn, bk, w, layout), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
+    split_k = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": 2, "LAYOUT": layout}
+               for (bn, bk, w, layout), sk in itertools.product(tiles, (4, 8, 16, 32, 128))]
+    # the persistent GEMV (w4a16_gemv_stream.py) over tile-major weights: one-warp programs, PER_SM of them an SM,
+    # items of ROWS rows (the H100's best: 8-16 an SM, 64-128 rows; session 13)
+    stream = [{"LAYOUT": "stream", "BLOCK_N": 256, "PER_SM": per_sm, "num_warps": 1, "ROWS": rows, "STAGES": 0,
+               "BLOCK_K": 8, "WINDOW": True} for per_sm, rows in itertools.product((8, 12, 16), (64, 128))]
+    return split_k + stream
 
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -121,7 +126,18 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
             timings[f"{bucket}/{key}"] = round(best_ms * 1e3, 2)
             log(f"  w4a16 {bucket:>4} tokens {key:>11}: {best_ms * 1e3:7.1f} us  {best}")
     # a few tokens: the GEMV (tuned at one token) while it beats the GEMM's smallest bucket
-    from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, w4a16_gemv
+    from qwentrt.engine.kernels.w4a16_gemv import reset_split_k_workspaces, tile_major, w4a16_gemv
+
+    tiled: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
+
+    def laid_out(key: str, c: dict) -> list[tuple[torch.Tensor, ...]]:
+        """The shape's weight copies as the engine would keep them for config c: tile-major at its BLOCK_N for the
+        stream GEMV (ops.pack_weight), AutoAWQ's layout otherwise."""
+        if c.get("LAYOUT") != "stream":
+            return weights[key]
+        if (key, c["BLOCK_N"]) not in tiled:
+            tiled[key, c["BLOCK_N"]] = [(tile_major(w[0], c["BLOCK_N"]), *w[1:]) for w in weights[key]]
+        return tiled[key, c["BLOCK_N"]]
 
     def time_gemv(x: torch.Tensor, ws, c: dict) -> float:
         """A GEMV config as the engine runs it: deferred split-K (w4a16_gemv_deferred, the default), whose sums
@@ -139,16 +155,18 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         best, best_ms = None, float("inf")
         seen = set()
         for c in gemv_candidates():
-            c = dict(c, SPLIT_K=min(c["SPLIT_K"], k // group_size))  # a split owns whole groups
+            if "SPLIT_K" in c:
+                c = dict(c, SPLIT_K=min(c["SPLIT_K"], k // group_size))  # a split owns whole groups
             if tuple(c.values()) in seen:
                 continue
             seen.add(tuple(c.values()))
             try:
-                out = w4a16_gemv(x, *ws[0], group_size, c).float()
+                wc = laid_out(key, c)
+                out = w4a16_gemv(x, *wc[0], group_size, c).float()
                 if not float((out - ref).norm() / ref.norm()) < 1e-2:  # a wrong kernel is never a winner
                     log(f"  w4a16 gemv {key}: {c} gives wrong results; skipped")
                     continue
-                ms = time_gemv(x, ws, c)
+                ms = time_gemv(x, wc, c)
             except Exception:
                 continue
             if ms < best_ms:
@@ -163,7 +181,7 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         for key, (n, k) in shapes.items():
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ws = weights[key]
-            t_gemv += time_gemv(x, ws, gemv[key])
+            t_gemv += time_gemv(x, laid_out(key, gemv[key]), gemv[key])
             t_gemm += time_in_graph(lambda: [w4a16_gemm(x, *w, group_size, decode[small][key]) for w in ws]) / len(ws)
         timings[f"gemv_vs_gemm/{m}"] = {"gemv_us": round(t_gemv * 1e3, 1), "gemm_us": round(t_gemm * 1e3, 1)}
         log(f"  w4a16 {m:>4} tokens, 4 linears: GEMV {t_gemv * 1e3:7.1f} us, GEMM {t_gemm * 1e3:7.1f} us")
@@ -184,7 +202,7 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
         log(f"  w4a16 {m:>4} tokens, 4 linears: GEMM {t_gemm * 1e3:7.1f} us, dequantize + cuBLAS {t_deq * 1e3:7.1f} us")
         if prefill_min is None and t_deq < t_gemm:
             prefill_min = m
-    del weights
+    del weights, tiled
     torch.cuda.empty_cache()
     for table in decode.values():
         table["default"] = table[max(shapes, key=lambda s: shapes[s][0] * shapes[s][1])]

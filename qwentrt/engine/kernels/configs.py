@@ -19,13 +19,22 @@ def _w4a16(stages: int) -> dict[str, dict[str, Any]]:
 
 # The GEMV at 1-2 tokens (kernels/w4a16_gemv.py): memory-bound there on any GPU, so untuned engines take it too
 # (H100: 52 us a layer against the GEMM's 90). sm_90: the H100's timed winners for Qwen3-4B's shapes
-# (scripts/device/h100_kernels.json, keyed "NxK"); any other shape, and sm_89, the kernel's safe middle.
+# (scripts/device/h100_kernels.json, keyed "NxK"): the persistent "stream" GEMV (w4a16_gemv_stream.py; the 144 GEMVs
+# of a step 1.47 -> 1.21 ms, batch-1 ITL 2.4 -> 2.2 ms: docs/KERNEL_NOTES.md, session 13), whose weights the model
+# keeps tile-major; any other shape, and sm_89, the split-K kernel's safe middle.
 _GEMV_SAFE = {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 20, "num_warps": 1, "num_stages": 2}
+
+
+def _stream(per_sm: int, rows: int) -> dict[str, Any]:
+    return {"LAYOUT": "stream", "BLOCK_N": 256, "PER_SM": per_sm, "num_warps": 1, "ROWS": rows, "STAGES": 0,
+            "BLOCK_K": 8, "WINDOW": True}
+
+
 _GEMV_H100 = {
-    "6144x2560": {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 20, "num_warps": 2, "num_stages": 2},
-    "2560x4096": {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 2, "num_stages": 2},
-    "19456x2560": {"BLOCK_N": 256, "BLOCK_K": 8, "SPLIT_K": 20, "num_warps": 1, "num_stages": 2, "LAYOUT": "window"},
-    "2560x9728": {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 76, "num_warps": 1, "num_stages": 2},
+    "6144x2560": _stream(12, 64),
+    "2560x4096": _stream(8, 64),
+    "19456x2560": _stream(12, 64),
+    "2560x9728": _stream(12, 64),
     "default": _GEMV_SAFE,
 }
 
