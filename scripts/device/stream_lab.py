@@ -113,7 +113,7 @@ def main() -> None:
         tm = tiles(tuned[name]["BLOCK_N"])
         t_tm = timed(lambda: [w4a16_gemv(x, tm[i], *ws[i][1:], GROUP, tuned[name], deferred=True)
                               for i in range(COPIES)]) / COPIES
-        print(f"{name} {n}x{k} ({nbytes / 1e6:.1f} MB): split-K {t_awq:6.2f} us ({nbytes / t_awq / 1e6:5.0f} GB/s), "
+        print(f"{name} {n}x{k} ({nbytes / 1e6:.1f} MB): split-K {t_awq:6.2f} us ({nbytes / t_awq / 1e3:5.0f} GB/s), "
               f"tile-major {t_tm:6.2f} us", flush=True)
         line = {"shape": name, "split_k_us": t_awq, "split_k_tile_major_us": t_tm}
         for c in READ:
@@ -123,7 +123,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"  read {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
-            print(f"  read floor PER_SM,warps,CHUNK,STAGES={c}: {us:6.2f} us ({words[0].numel() * 4 / us / 1e6:5.0f} GB/s "
+            print(f"  read floor PER_SM,warps,CHUNK,STAGES={c}: {us:6.2f} us ({words[0].numel() * 4 / us / 1e3:5.0f} GB/s "
                   f"of words)", flush=True)
             if us < best_read.get(name, (None, 1e9))[1]:
                 best_read[name] = (c, us)
@@ -141,7 +141,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
                 print(f"  stream {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
-            print(f"  stream BN,PER_SM,warps,ROWS,STAGES,BK={c}: {us:6.2f} us ({nbytes / us / 1e6:5.0f} GB/s), "
+            print(f"  stream BN,PER_SM,warps,ROWS,STAGES,BK={c}: {us:6.2f} us ({nbytes / us / 1e3:5.0f} GB/s), "
                   f"rel err {err:.1e}", flush=True)
             if us < best_stream.get(name, (None, 1e9))[1]:
                 best_stream[name] = (c, us)
