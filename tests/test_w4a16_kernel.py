@@ -627,6 +627,13 @@ def test_stream_configs_pack_tile_major_and_the_environment_overrides_gemv_confi
         assert ops.pack_weight(other["qweight"], other["scales"], 128) is other["qweight"]
         assert at_tile_width(stream, t["qweight"]) == DEFAULT_CONFIG
         assert at_tile_width(stream, packed) == stream
+        for bad in ("{not json", '["a list"]'):
+            path.write_text(bad)
+            with pytest.raises(ValueError, match="QWENTRT_GEMV_CONFIGS"):
+                ops.configure({})
+        with pytest.raises(ValueError, match="power of two"):
+            from qwentrt.engine.kernels.w4a16_gemv import w4a16_gemv
+            w4a16_gemv(torch.randn(1, 256), packed, t["qzeros"], t["scales"], 128, dict(stream, BLOCK_K=6))
     finally:
         monkeypatch.delenv("QWENTRT_GEMV_CONFIGS")
         ops.configure({})
@@ -670,3 +677,25 @@ def test_stream_gemv_on_cuda():
             assert not split_k_workspace(x.device)[0].any()
             got = w4a16_gemv(x, tiled, t["qzeros"], t["scales"], 128, cfg)
             assert float((got.float() - ref).norm() / ref.norm()) < 1e-2, (n, k, cfg)
+
+
+@pytest.mark.gpu
+def test_the_tuner_on_cuda_with_a_stream_candidate(monkeypatch):
+    """The build-time tuner on the GPU, cut to a few candidates: the stream GEMV is timed over tile-major copies,
+    checked against the reference, and whichever wins is a config the engine can run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from types import SimpleNamespace
+    from qwentrt.engine import tuning
+    monkeypatch.setattr(tuning, "candidate_configs", lambda bucket: [
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3}])
+    monkeypatch.setattr(tuning, "gemv_candidates", lambda: [
+        {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 20, "num_warps": 2, "num_stages": 2},
+        {"LAYOUT": "stream", "BLOCK_N": 256, "PER_SM": 12, "num_warps": 1, "ROWS": 64, "STAGES": 0, "BLOCK_K": 8,
+         "WINDOW": True}])
+    monkeypatch.setattr(tuning, "PREFILL_CANDIDATES", (128,))
+    cfg = SimpleNamespace(hidden_size=2560, intermediate_size=9728, q_size=4096, kv_size=1024)
+    out = tuning.tune_w4a16(cfg, 128, torch.device("cuda"), buckets=(16,))
+    assert set(out["w4a16_gemv"]) == {"6144x2560", "2560x4096", "19456x2560", "2560x9728", "default"}
+    assert all(c is not None for c in out["w4a16_gemv"].values())
+    assert all(v > 0 for k, v in out["tuning_us"].items() if k.startswith("gemv/1/"))

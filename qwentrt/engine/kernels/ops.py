@@ -35,8 +35,14 @@ def configure(kernel_configs: dict[str, Any]) -> None:
     _configs.update(kernel_configs or {})
     override = os.environ.get("QWENTRT_GEMV_CONFIGS")  # labs / A/B: {"NxK": GEMV config} over the engine's
     if override:
-        with open(override) as f:
-            _configs["w4a16_gemv"] = dict(_configs.get("w4a16_gemv", {}), **json.load(f))
+        try:
+            with open(override) as f:
+                gemv = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"QWENTRT_GEMV_CONFIGS={override}: not a readable JSON file ({e})") from e
+        if not isinstance(gemv, dict) or not all(isinstance(v, dict) for v in gemv.values()):
+            raise ValueError(f'QWENTRT_GEMV_CONFIGS={override}: expected {{"NxK": {{config}}, ...}}')
+        _configs["w4a16_gemv"] = dict(_configs.get("w4a16_gemv", {}), **gemv)
     _configs["w4a16_gemv_deferred"] = gemv_deferred_wanted(_configs)  # (the environment read once, here)
     _configs["w4a16_gemv_tile_major"] = gemv_tile_major_wanted(_configs)
     env = os.environ.get("QWENTRT_GEMV_DEFERRED_QKV")  # the qkv GEMV's sums to q/k-norm + RoPE + KV write (A/B)

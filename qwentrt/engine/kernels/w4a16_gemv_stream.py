@@ -171,6 +171,10 @@ def w4a16_gemv_stream(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
             or not qweight.is_contiguous():
         raise ValueError(f"W4A16 stream GEMV: the weight must be tile-major [tiles, K={k}, {pn}] and contiguous, "
                          f"got {tuple(qweight.shape)}: repack it with tile_major(qweight, {cfg['BLOCK_N']})")
+    if pn < 1 or pn & (pn - 1) or cfg["BLOCK_K"] < 1 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) \
+            or not (cfg.get("PROGRAMS") or cfg["PER_SM"]) or (cfg.get("PROGRAMS") or cfg["PER_SM"]) < 1:
+        raise ValueError(f"W4A16 stream GEMV: BLOCK_N ({cfg['BLOCK_N']}) must be 8 times a power of two, BLOCK_K "
+                         f"({cfg['BLOCK_K']}) a power of two, PER_SM / PROGRAMS at least 1; got {config}")
     rows, block_k = cfg["ROWS"], min(cfg["BLOCK_K"], cfg["ROWS"])
     if group_size % rows or rows % block_k or k % group_size or n % 8:
         raise ValueError(f"W4A16 stream GEMV: BLOCK_K ({block_k}) must divide ROWS ({rows}), ROWS the group size "
