@@ -38,11 +38,11 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _item(x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr, stride_qz, stride_s, c0,
-              GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    def _item(o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr, stride_qz,
+              stride_s, c0, GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
               ASM: tl.constexpr, WINDOW: tl.constexpr):
-        """Rows r ROWS .. r ROWS + ROWS - 1 of one tile (qt: its first word) -> the 8 columns of each word, [PN]
-        each: s (sum x q - z sum x) over the rows (one group's scale and zero: ROWS divides GROUP)."""
+        """Rows r ROWS .. r ROWS + ROWS - 1 of one tile (qt: its first word) added to the 8 columns of each word
+        (o0..o7, [PN] each): s (sum x q - z sum x) over the rows (one group's scale and zero: ROWS divides GROUP)."""
         rk = tl.arange(0, BLOCK_K)
         a0 = tl.zeros([BLOCK_K, PN], tl.float32)
         a1 = tl.zeros([BLOCK_K, PN], tl.float32)
@@ -63,23 +63,23 @@ if triton is not None:
         qzh = _high_half(qz, ASM)
         sg = s_ptr + g * stride_s
         if WINDOW:
-            o0 = _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
-            o1 = _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
-            o2 = _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
-            o3 = _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
-            o4 = _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
-            o5 = _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
-            o6 = _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
-            o7 = _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
+            o0 += _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
+            o1 += _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
+            o2 += _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
+            o3 += _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
+            o4 += _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
+            o5 += _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
+            o6 += _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
+            o7 += _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
         else:
-            o0 = _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)
-            o1 = _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
-            o2 = _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
-            o3 = _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
-            o4 = _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)
-            o5 = _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
-            o6 = _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
-            o7 = _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)
+            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
+            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
+            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
+            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)
+            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
+            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
+            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @triton.jit
@@ -112,30 +112,14 @@ if triton is not None:
             o7 = tl.zeros([PN], tl.float32)
             if STAGES == 0:
                 for r in range(r0, r1):
-                    p0, p1, p2, p3, p4, p5, p6, p7 = _item(x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
-                                                           stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM,
-                                                           WINDOW)
-                    o0 += p0
-                    o1 += p1
-                    o2 += p2
-                    o3 += p3
-                    o4 += p4
-                    o5 += p5
-                    o6 += p6
-                    o7 += p7
+                    o0, o1, o2, o3, o4, o5, o6, o7 = _item(
+                        o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
+                        stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
             else:
                 for r in tl.range(r0, r1, num_stages=STAGES):
-                    p0, p1, p2, p3, p4, p5, p6, p7 = _item(x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
-                                                           stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM,
-                                                           WINDOW)
-                    o0 += p0
-                    o1 += p1
-                    o2 += p2
-                    o3 += p3
-                    o4 += p4
-                    o5 += p5
-                    o6 += p6
-                    o7 += p7
+                    o0, o1, o2, o3, o4, o5, o6, o7 = _item(
+                        o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
+                        stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
             # each word's 8 columns side by side in column order (as the words kernel's epilogue)
             out = tl.reshape(tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)),
                                      tl.join(tl.join(o4, o6), tl.join(o5, o7))), [PN, 8])
@@ -143,8 +127,9 @@ if triton is not None:
             tl.atomic_add(ws_ptr + m * N + cols, out, mask=mask[:, None], sem="relaxed")
 
 
-# PER_SM programs an SM (one wave), items of ROWS rows; BLOCK_N must be the tile-major weight's
-DEFAULT_CONFIG = {"BLOCK_N": 256, "BLOCK_K": 8, "ROWS": 128, "PER_SM": 8, "num_warps": 1, "STAGES": 0,
+# PER_SM programs an SM (one wave), items of ROWS rows (the H100's best for Qwen3-4B; session 13); BLOCK_N must be the
+# tile-major weight's
+DEFAULT_CONFIG = {"BLOCK_N": 256, "BLOCK_K": 8, "ROWS": 64, "PER_SM": 12, "num_warps": 1, "STAGES": 0,
                   "WINDOW": True}
 
 
