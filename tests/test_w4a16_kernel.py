@@ -2,8 +2,10 @@
 Triton's interpreter (float32, small sizes: the interpreter is faithful there), on CUDA in bf16."""
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -699,3 +701,32 @@ def test_the_tuner_on_cuda_with_a_stream_candidate(monkeypatch):
     assert set(out["w4a16_gemv"]) == {"6144x2560", "2560x4096", "19456x2560", "2560x9728", "default"}
     assert all(c is not None for c in out["w4a16_gemv"].values())
     assert all(v > 0 for k, v in out["tuning_us"].items() if k.startswith("gemv/1/"))
+
+
+@pytest.mark.parametrize("arch,stages,window", [(90, 0, True), (90, 2, False), (89, 0, True)])
+def test_the_stream_gemv_compiles_for_the_gpu_without_spills(arch, stages, window):
+    """The persistent GEMV compiled on the CPU (Triton's bundled ptxas) for sm_90 / sm_89 at the H100's config (one
+    warp, BLOCK_N 256, items of 64 rows): its sums added by float reductions, and ptxas's resource report shows no
+    stack (no spills: a one-warp program may hold 255 registers a thread)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from qwentrt.engine.kernels.w4a16_gemv_stream import _w4a16_gemv_stream_kernel as fn
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "ws_ptr": "*fp32", "N": "i32",
+           "K": "i32", "ITEMS": "i32", "stride_xm": "i32", "stride_qz": "i32", "stride_s": "i32", "magic": "i32"}
+    const = {"GROUP": 128, "PN": 32, "BLOCK_K": 8, "ROWS": 64, "ASM": True, "WINDOW": window, "STAGES": stages}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    kernel = triton.compile(ASTSource(fn=fn, signature=dict(sig, **{n: "constexpr" for n in const}),
+                                      constexprs=const, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    ptx = kernel.asm["ptx"]
+    assert "red.global" in ptx or "atom.global" in ptx
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("this Triton bundles no cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", res), re.search(r"STACK:(\d+)", res)
+    assert regs and int(regs.group(1)) <= 255 and stack and int(stack.group(1)) == 0, res

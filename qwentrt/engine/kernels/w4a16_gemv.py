@@ -275,6 +275,37 @@ if triton is not None:
         return a0, a1, a2, a3, a4, a5, a6, a7, xs + x
 
     @triton.jit
+    def _finish_group(o0, o1, o2, o3, o4, o5, o6, o7, a0, a1, a2, a3, a4, a5, a6, a7, xs, qz_row, s_row, words, mask,
+                      magic, ASM: tl.constexpr, WINDOW: tl.constexpr):
+        """One group's 8 accumulators (a_j: x times nibble j of each word, [BLOCK_K, PN]) added to the 8 columns of
+        each word (o_j, [PN]): s (sum x q - z sum x), qz_row / s_row the group's zeros and scales (words and window
+        arithmetic; shared by the words kernel and the persistent one, w4a16_gemv_stream.py)."""
+        xsum = tl.sum(xs, axis=0)
+        qz = tl.load(qz_row + words, mask=mask, other=0)
+        qzh = _high_half(qz, ASM)
+        sg = s_row
+        c0 = words * 8  # column of half h, nibble p of a word: 8c + 2p + h (AWQ's order)
+        if WINDOW:
+            o0 += _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
+            o1 += _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
+            o2 += _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
+            o3 += _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
+            o4 += _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
+            o5 += _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
+            o6 += _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
+            o7 += _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
+        else:
+            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)  # low half: p = 0..3 -> columns 0, 2, 4, 6
+            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
+            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
+            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
+            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)  # high half -> columns 1, 3, 5, 7
+            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
+            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
+            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+        return o0, o1, o2, o3, o4, o5, o6, o7
+
+    @triton.jit
     def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, ws_ptr, count_ptr, N, K, SPLIT_K,
                                  stride_xm, stride_qw, stride_qz, stride_s, stride_ym, stride_qt, magic,
                                  GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -323,28 +354,9 @@ if triton is not None:
                     a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
                         x_ptr + m * stride_xm, qw_ptr, g * GROUP + kk + rk, tile_words, mask, stride_qw, magic,
                         a0, a1, a2, a3, a4, a5, a6, a7, xs, EVEN_N, ASM, WINDOW)
-            xsum = tl.sum(xs, axis=0)
-            qz = tl.load(qz_ptr + g * stride_qz + words, mask=mask, other=0)
-            qzh = _high_half(qz, ASM)
-            sg = s_ptr + g * stride_s
-            if WINDOW:
-                o0 += _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
-                o1 += _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
-                o2 += _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
-                o3 += _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
-                o4 += _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
-                o5 += _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
-                o6 += _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
-                o7 += _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
-            else:
-                o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)  # low half: p = 0..3 -> columns 0, 2, 4, 6
-                o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
-                o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
-                o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
-                o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)  # high half -> columns 1, 3, 5, 7
-                o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
-                o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
-                o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _finish_group(
+                o0, o1, o2, o3, o4, o5, o6, o7, a0, a1, a2, a3, a4, a5, a6, a7, xs, qz_ptr + g * stride_qz,
+                s_ptr + g * stride_s, words, mask, magic, ASM, WINDOW)
         _pdl_late_trigger(PDL, PDL_LATE)
         # each word's 8 columns side by side, [PN, 8] in column order (8c + 2p + h: p1, p0, h from the outer axis
         # in), so a thread writes 8 consecutive floats: 8 strided [PN] stores or atomics touch 8x the sectors

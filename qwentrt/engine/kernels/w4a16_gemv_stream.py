@@ -30,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 
-    from qwentrt.engine.kernels.w4a16_gemv import _column, _column_windowed, _high_half, _words_step
+    from qwentrt.engine.kernels.w4a16_gemv import _finish_group, _words_step
 except ImportError:
     triton = None
 
@@ -39,10 +39,11 @@ if triton is not None:
 
     @triton.jit
     def _item(o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr, stride_qz,
-              stride_s, c0, GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+              stride_s, words, GROUP: tl.constexpr, PN: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
               ASM: tl.constexpr, WINDOW: tl.constexpr):
-        """Rows r ROWS .. r ROWS + ROWS - 1 of one tile (qt: its first word) added to the 8 columns of each word
-        (o0..o7, [PN] each): s (sum x q - z sum x) over the rows (one group's scale and zero: ROWS divides GROUP)."""
+        """Rows r ROWS .. r ROWS + ROWS - 1 of one tile (qt: its first word; words: its packed columns) added to
+        the 8 columns of each word (o0..o7, [PN] each): s (sum x q - z sum x) over the rows (one group's scale and
+        zero: ROWS divides GROUP)."""
         rk = tl.arange(0, BLOCK_K)
         a0 = tl.zeros([BLOCK_K, PN], tl.float32)
         a1 = tl.zeros([BLOCK_K, PN], tl.float32)
@@ -57,30 +58,10 @@ if triton is not None:
             a0, a1, a2, a3, a4, a5, a6, a7, xs = _words_step(
                 x_row, qt, r * ROWS + kk + rk, tile_words, mask, PN, magic,
                 a0, a1, a2, a3, a4, a5, a6, a7, xs, True, ASM, WINDOW)  # (tile-major is padded: unmasked loads)
-        xsum = tl.sum(xs, axis=0)
         g = r * ROWS // GROUP
-        qz = tl.load(qz_ptr + g * stride_qz + c0 // 8, mask=mask, other=0)
-        qzh = _high_half(qz, ASM)
-        sg = s_ptr + g * stride_s
-        if WINDOW:
-            o0 += _column_windowed(a0, xsum, qz, sg, c0 + 0, mask, 0, 16, magic, ASM)
-            o1 += _column_windowed(a1, xsum, qz, sg, c0 + 2, mask, 4, 12, magic, ASM)
-            o2 += _column_windowed(a2, xsum, qz, sg, c0 + 4, mask, 8, 16, magic, ASM)
-            o3 += _column_windowed(a3, xsum, qz, sg, c0 + 6, mask, 12, 12, magic, ASM)
-            o4 += _column_windowed(a4, xsum, qzh, sg, c0 + 1, mask, 0, 16, magic, ASM)
-            o5 += _column_windowed(a5, xsum, qzh, sg, c0 + 3, mask, 4, 12, magic, ASM)
-            o6 += _column_windowed(a6, xsum, qzh, sg, c0 + 5, mask, 8, 16, magic, ASM)
-            o7 += _column_windowed(a7, xsum, qzh, sg, c0 + 7, mask, 12, 12, magic, ASM)
-        else:
-            o0 += _column(a0, xsum, qz, sg, c0 + 0, mask, 0, magic, ASM)
-            o1 += _column(a1, xsum, qz, sg, c0 + 2, mask, 4, magic, ASM)
-            o2 += _column(a2, xsum, qz, sg, c0 + 4, mask, 8, magic, ASM)
-            o3 += _column(a3, xsum, qz, sg, c0 + 6, mask, 12, magic, ASM)
-            o4 += _column(a4, xsum, qzh, sg, c0 + 1, mask, 0, magic, ASM)
-            o5 += _column(a5, xsum, qzh, sg, c0 + 3, mask, 4, magic, ASM)
-            o6 += _column(a6, xsum, qzh, sg, c0 + 5, mask, 8, magic, ASM)
-            o7 += _column(a7, xsum, qzh, sg, c0 + 7, mask, 12, magic, ASM)
-        return o0, o1, o2, o3, o4, o5, o6, o7
+        return _finish_group(o0, o1, o2, o3, o4, o5, o6, o7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+                             qz_ptr + g * stride_qz, s_ptr + g * stride_s, words, mask,
+                             magic, ASM, WINDOW)
 
     @triton.jit
     def _w4a16_gemv_stream_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, ws_ptr, N, K, ITEMS, stride_xm, stride_qz,
@@ -114,12 +95,12 @@ if triton is not None:
                 for r in range(r0, r1):
                     o0, o1, o2, o3, o4, o5, o6, o7 = _item(
                         o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
-                        stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
+                        stride_qz, stride_s, words, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
             else:
                 for r in tl.range(r0, r1, num_stages=STAGES):
                     o0, o1, o2, o3, o4, o5, o6, o7 = _item(
                         o0, o1, o2, o3, o4, o5, o6, o7, x_row, qt, r, tile_words, mask, magic, qz_ptr, s_ptr,
-                        stride_qz, stride_s, c0, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
+                        stride_qz, stride_s, words, GROUP, PN, BLOCK_K, ROWS, ASM, WINDOW)
             # each word's 8 columns side by side in column order (as the words kernel's epilogue)
             out = tl.reshape(tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)),
                                      tl.join(tl.join(o4, o6), tl.join(o5, o7))), [PN, 8])
