@@ -1,6 +1,6 @@
 """Where does a W4A16 GEMV's time go? (H100 lab, not a test: docs/KERNEL_NOTES.md, "GEMV v5".) For each linear
 shape at 1 token, under CUDA graphs over L2-defeating copies: the production GEMV with this H100's tuned configs
-(scripts/device/h100_kernels.json); the first GEMV's structure (one reduction over rows per tile, BLOCK_N 128,
+(scripts/device/h100_kernels_splitk.json: the split-K winners before the stream GEMV); the first GEMV's structure (one reduction over rows per tile, BLOCK_N 128,
 BLOCK_K 128, 4 warps) as a probe kernel, whole, with the arithmetic removed (load-only: the memory side's
 time), and with the weights read from one small cache-resident slice (ALU-only); a SASS instruction
 histogram of the production kernel (nvdisasm). Choosing configs is `qwentrt build --tune`'s job."""
@@ -104,7 +104,7 @@ def probe_shape(name: str, n: int, k: int, cfg: dict, group: int = 128) -> None:
 
 
 def main():
-    tuned = json.load(open("scripts/device/h100_kernels.json"))["w4a16_gemv"]
+    tuned = json.load(open("scripts/device/h100_kernels_splitk.json"))["w4a16_gemv"]  # (split-K winners)
     for name, (n, k) in SHAPES.items():
         probe_shape(name, n, k, tuned[f"{n}x{k}"])
         torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
 """W4A16 at 1 token on the GPU (lab, not a test): the production GEMV's "lanes" layout (the configs tuned on
-the H100, scripts/device/h100_kernels.json) against "words" (each thread owns whole packed words; ~4.1 against ~5.7
+the H100, scripts/device/h100_kernels_splitk.json) against "words" (each thread owns whole packed words; ~4.1 against ~5.7
 SASS instructions per nibble on sm_90, scripts/sass_lab.py) and "window" (words with one LOP3 + one FFMA per
 nibble, ~3.5), each unrolled (KSTAGES 0) or as a cp.async-pipelined loop (KSTAGES 3), for the 4b model's four linears, each in a CUDA graph
 over 8 weight copies (out of L2). Prints the best words config per shape, the 36 layers' totals, and the
@@ -56,7 +56,7 @@ def timed(x, ws, group, cfg, **kw) -> float:
 
 def main() -> None:
     dev = torch.device("cuda")
-    tuned = json.load(open("scripts/device/h100_kernels.json"))["w4a16_gemv"]
+    tuned = json.load(open("scripts/device/h100_kernels_splitk.json"))["w4a16_gemv"]  # (split-K winners)
     group, copies = 128, 8
     totals = {"lanes": 0.0, "words": 0.0}
     winners = {}

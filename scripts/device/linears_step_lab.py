@@ -1,6 +1,6 @@
 """The 36 layers' linears of one batch-1 decode step as the decode graph runs them: qkv, o, gate_up, down per
 layer, 144 GEMVs back to back in one CUDA graph, each layer its own fresh random weights (1.9 GB: out of L2), with
-the engine's GEMV configs (scripts/device/h100_kernels.json or $KERNELS). This is the issue's "linears at 1 token"
+the engine's GEMV configs (scripts/device/h100_kernels_splitk.json, the split-K winners, or $KERNELS). This is the issue's "linears at 1 token"
 figure with the gaps between kernels in it (gemv_words_lab.py times each shape alone). Variants ($VARIANTS): PDL off / on / late,
 the split-K counter as built / relaxed (what its acq_rel fence costs; lab only), deferred split-K (all four GEMVs
 leave float32 sums; here nothing consumes them, so a replay's sums pile up: timing only).
@@ -30,7 +30,7 @@ SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("do
 LAYERS = int(os.environ.get("LAYERS", "36"))
 GROUP = 128
 dev = torch.device("cuda")
-configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
+configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels_splitk.json")))
 torch.manual_seed(0)
 weights = [{name: random_awq(n, k, GROUP, dev, torch.bfloat16) for name, n, k in SHAPES} for _ in range(LAYERS)]
 cfg = {name: gemv_config(dict(configs, w4a16_gemv_max_tokens=max(1, configs.get("w4a16_gemv_max_tokens", 1))),

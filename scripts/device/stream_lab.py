@@ -2,7 +2,7 @@
 reading the bytes alone costs in this design (GPU lab, not a test). ~3-5 minutes.
 
 1. Per shape (the 4b model's four linears at 1 token, 8 weight copies in one CUDA graph: out of L2):
-   - the tuned split-K GEMV (scripts/device/h100_kernels.json, or $KERNELS), AWQ layout and tile-major, deferred;
+   - the tuned split-K GEMV (scripts/device/h100_kernels_splitk.json: the split-K winners before session 13; or $KERNELS), AWQ layout and tile-major, deferred;
    - a read floor: a kernel that only streams the tile-major words (each program a contiguous span, summed, one
      store a program) over grids of $LAB_READ ("PER_SM,num_warps,CHUNK_WORDS,STAGES;..."): what the loads cost
      with no arithmetic, no x, no scales, no atomics;
@@ -65,7 +65,7 @@ else:  # a dry run of the script's logic: TRITON_INTERPRET=1 on the CPU, small s
     def time_in_graph(fn, replays=0):  # noqa: F811
         fn()
         return 1e-3
-configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels.json")))
+configs = json.load(open(os.environ.get("KERNELS", "scripts/device/h100_kernels_splitk.json")))
 tuned = {name: gemv_config(dict(configs, w4a16_gemv_max_tokens=1), 1, n, k, GROUP) for name, n, k in SHAPES}
 READ = [tuple(int(v) for v in c.split(",")) for c in
         os.environ.get("LAB_READ", "4,4,1024,0;8,4,1024,0;4,4,1024,3").split(";")]
