@@ -167,7 +167,8 @@ def tune_w4a16(cfg, group_size: int, device: torch.device, buckets=BUCKETS,
                     log(f"  w4a16 gemv {key}: {c} gives wrong results; skipped")
                     continue
                 ms = time_gemv(x, wc, c)
-            except Exception:
+            except Exception:  # a config that does not compile or fit: not a candidate (and no sums left behind)
+                reset_split_k_workspaces()
                 continue
             if ms < best_ms:
                 best, best_ms = c, ms

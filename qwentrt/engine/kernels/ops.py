@@ -148,7 +148,8 @@ def pack_weight(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) ->
     """The layout the model keeps an INT4 weight in, its only copy: tile-major (w4a16_gemv.tile_major, at the BLOCK_N
     of the GEMV's config for the shape: a GEMV program's rows contiguous) where the engine's configs ask for it
     (`w4a16_gemv_tile_major`, experimental, or the shape's GEMV is the "stream" one), the weight is on CUDA and the
-    GEMV runs the shape at one token; else AutoAWQ's qweight itself. Every W4A16 path reads either (w4a16.py); the caller drops the AWQ tensor it passed."""
+    GEMV runs the shape at one token; else AutoAWQ's qweight itself. Every W4A16 path reads either (w4a16.py); the
+    caller drops the AWQ tensor it passed."""
     if not (qweight.device.type in TILE_MAJOR_DEVICES and qweight.dim() == 2):
         return qweight
     cfg = gemv_config(_configs, 1, scales.shape[1], qweight.shape[0], group_size)

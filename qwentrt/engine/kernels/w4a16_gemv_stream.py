@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from qwentrt.engine.kernels.w4a16_gemv import (MAGIC_2_23, SplitKSums, split_k_workspace)
+from qwentrt.engine.kernels.w4a16_gemv import MAGIC_2_23, SplitKSums, split_k_workspace
 
 try:
     import triton
@@ -132,21 +132,20 @@ def w4a16_gemv_stream(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     m, k = x.shape
     n = scales.shape[1]
-    pn = cfg["BLOCK_N"] // 8
-    if qweight.dim() != 3 or qweight.shape[1:] != (k, pn) or qweight.shape[0] * pn < n // 8 \
-            or not qweight.is_contiguous():
-        raise ValueError(f"W4A16 stream GEMV: the weight must be tile-major [tiles, K={k}, {pn}] and contiguous, "
-                         f"got {tuple(qweight.shape)}: repack it with tile_major(qweight, {cfg['BLOCK_N']})")
-    if pn < 1 or pn & (pn - 1) or cfg["BLOCK_K"] < 1 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) \
-            or not (cfg.get("PROGRAMS") or cfg["PER_SM"]) or (cfg.get("PROGRAMS") or cfg["PER_SM"]) < 1:
+    pn, count = cfg["BLOCK_N"] // 8, cfg.get("PROGRAMS") or cfg["PER_SM"]
+    if pn < 1 or pn & (pn - 1) or cfg["BLOCK_K"] < 1 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) or count < 1:
         raise ValueError(f"W4A16 stream GEMV: BLOCK_N ({cfg['BLOCK_N']}) must be 8 times a power of two, BLOCK_K "
                          f"({cfg['BLOCK_K']}) a power of two, PER_SM / PROGRAMS at least 1; got {config}")
+    tiles = -(-n // 8 // pn)
+    if qweight.dim() != 3 or tuple(qweight.shape) != (tiles, k, pn) or not qweight.is_contiguous():
+        raise ValueError(f"W4A16 stream GEMV: the weight must be tile-major [{tiles}, K={k}, {pn}] and contiguous, "
+                         f"got {tuple(qweight.shape)}: repack it with tile_major(qweight, {cfg['BLOCK_N']})")
     rows, block_k = cfg["ROWS"], min(cfg["BLOCK_K"], cfg["ROWS"])
     if group_size % rows or rows % block_k or k % group_size or n % 8:
         raise ValueError(f"W4A16 stream GEMV: BLOCK_K ({block_k}) must divide ROWS ({rows}), ROWS the group size "
                          f"({group_size}), the group size K ({k}); N ({n}) must be a multiple of 8")
-    items = qweight.shape[0] * (k // rows)
-    programs = min(items, cfg.get("PROGRAMS") or cfg["PER_SM"] * _sm_count(x.device))
+    items = tiles * (k // rows)
+    programs = min(items, cfg.get("PROGRAMS") or count * _sm_count(x.device))
     ws, _ = split_k_workspace(x.device)
     if m * n > ws.numel():
         raise ValueError(f"W4A16 stream GEMV: {m} x {n} outputs exceed the split-K workspace")
